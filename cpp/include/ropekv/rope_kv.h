@@ -1,0 +1,286 @@
+// The one operation behind every public entry point, described as independent
+// "units" of work so that the CUDA kernel (one unit per thread) and the CPU
+// loop (units in order) run the same code.
+//
+// Per token, the units are, in order:
+//   q rotation   Hq heads x rot_units   rotate a chunk of each query head in place
+//   k rotation   Hk heads x rot_units   rotate a chunk of each key head in place and,
+//                                       when writing the cache, store it there too
+//   k tail       Hk heads x tail_units  copy the unrotated tail R..D-1 into the cache
+//   v copy       Hv heads x v_units     copy the value into the cache
+// store_kv is this operation with no query heads and rotary dim 0 (all of k is
+// "tail"); RoPE alone is it with the cache write switched off.
+#pragma once
+
+#include "ropekv/numeric.h"
+
+namespace ropekv {
+
+// An input viewed as [T, H, D] with the last dimension contiguous.
+struct TokenTensor {
+  void* ptr = nullptr;
+  int64_t token_stride = 0;  // in elements
+  int64_t head_stride = 0;   // in elements
+};
+
+// A cache viewed as [pages, page_size, H, D]. 3-D caches are pages of one slot.
+struct CacheTensor {
+  void* ptr = nullptr;
+  int64_t page_stride = 0;  // in elements
+  int64_t slot_stride = 0;  // in elements, used when page_size > 1
+  int64_t head_stride = 0;  // in elements
+  int64_t page_size = 1;
+  int64_t num_slots = 0;
+};
+
+// fp8 scale: a device/host pointer to fp32 (one value, or one per head), or a
+// plain value when ptr is null.
+struct Scale {
+  const float* ptr = nullptr;
+  int64_t head_stride = 0;  // 0: one scale for all heads, 1: per head
+  float value = 1.0f;
+};
+
+struct RopeKVParams {
+  int64_t num_tokens = 0;
+  TokenTensor q, k, v;
+  int num_q_heads = 0;  // 0: no query
+  int num_k_heads = 0;
+  int head_dim = 0;     // of q and k
+  int num_v_heads = 0;
+  int v_head_dim = 0;
+  int rot_dim = 0;      // 0: no rotation
+  bool neox = true;
+  const void* positions = nullptr;
+  bool positions_i64 = false;
+  const void* cos_sin = nullptr;
+  DType cos_sin_dtype = DType::f32;
+  int64_t max_pos = 0;
+  bool write_cache = false;
+  CacheTensor k_cache, v_cache;
+  Scale k_scale, v_scale;
+  const void* loc = nullptr;
+  bool loc_i64 = false;
+};
+
+// Elements per unit: a 16-byte vector of the input dtype on the wide path;
+// on the narrow path one element (NeoX pairs) or one pair (interleaved).
+template <class T, bool NEOX, bool WIDE>
+constexpr int chunk_elems() {
+  return WIDE ? int(16 / sizeof(T)) : (NEOX ? 1 : 2);
+}
+
+// Per-token unit counts, derived on the host once per call.
+struct UnitLayout {
+  int rot_units = 0;   // per head: chunks of the rotated part
+  int tail_units = 0;  // per head: chunks of the unrotated tail (cache write only)
+  int v_units = 0;     // per head
+  int q_end = 0, k_rot_end = 0, k_tail_end = 0, total = 0;  // cumulative per token
+};
+
+template <class T, bool NEOX, bool WIDE>
+inline UnitLayout make_layout(const RopeKVParams& p) {
+  constexpr int W = chunk_elems<T, NEOX, WIDE>();
+  UnitLayout L;
+  L.rot_units = (NEOX ? p.rot_dim / 2 : p.rot_dim) / W;
+  L.tail_units = p.write_cache ? (p.head_dim - p.rot_dim) / W : 0;
+  L.v_units = p.write_cache ? p.v_head_dim / W : 0;
+  L.q_end = p.num_q_heads * L.rot_units;
+  L.k_rot_end = L.q_end + p.num_k_heads * L.rot_units;
+  L.k_tail_end = L.k_rot_end + p.num_k_heads * L.tail_units;
+  L.total = L.k_tail_end + p.num_v_heads * L.v_units;
+  return L;
+}
+
+inline bool aligned_to(const void* ptr, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % uint64_t(bytes) == 0;
+}
+
+// Whether every access of the wide path is a whole, aligned vector: the
+// chunk must divide each run of elements and every stride, and each base
+// pointer must be aligned to a chunk of its own type.
+template <class T, class C, bool NEOX>
+inline bool wide_path_ok(const RopeKVParams& p) {
+  constexpr int W = chunk_elems<T, NEOX, true>();
+  const int rot_step = NEOX ? 2 * W : W;
+  bool ok = p.rot_dim % rot_step == 0 && (p.head_dim - p.rot_dim) % W == 0;
+  auto tensor_ok = [&](const TokenTensor& x) {
+    return aligned_to(x.ptr, W * sizeof(T)) && x.token_stride % W == 0 && x.head_stride % W == 0;
+  };
+  auto cache_ok = [&](const CacheTensor& c) {
+    return aligned_to(c.ptr, W * sizeof(C)) && c.page_stride % W == 0 &&
+           c.slot_stride % W == 0 && c.head_stride % W == 0;
+  };
+  if (p.num_q_heads > 0) ok = ok && tensor_ok(p.q);
+  ok = ok && tensor_ok(p.k);
+  if (p.write_cache) {
+    ok = ok && p.v_head_dim % W == 0 && tensor_ok(p.v) && cache_ok(p.k_cache) && cache_ok(p.v_cache);
+  }
+  return ok;
+}
+
+// ---- small access helpers ---------------------------------------------------
+
+ROPEKV_HD int64_t load_index(const void* ptr, bool is_i64, int64_t i) {
+  return is_i64 ? static_cast<const int64_t*>(ptr)[i] : int64_t(static_cast<const int32_t*>(ptr)[i]);
+}
+
+ROPEKV_HD float load_cos_sin(const void* ptr, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::f16: return to_float(static_cast<const half_t*>(ptr)[i]);
+    case DType::bf16: return to_float(static_cast<const bf16_t*>(ptr)[i]);
+    default: return static_cast<const float*>(ptr)[i];
+  }
+}
+
+// Copies N elements; when WIDE, as one aligned vector (16, 8, 4 or 2 bytes).
+template <class T, int N, bool WIDE>
+ROPEKV_HD void copy_chunk(T* dst, const T* src) {
+  constexpr int kBytes = int(sizeof(T)) * N;
+  if constexpr (WIDE && kBytes >= 2) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (kBytes == 16) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    else if constexpr (kBytes == 8) *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(src);
+    else if constexpr (kBytes == 4) *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(src);
+    else *reinterpret_cast<uint16_t*>(dst) = *reinterpret_cast<const uint16_t*>(src);
+#else
+    std::memcpy(dst, src, kBytes);
+#endif
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = src[i];
+  }
+}
+
+template <class T, int N>
+struct alignas(sizeof(T) * N >= 16 ? 16 : sizeof(T) * N) Chunk {
+  T e[N];
+};
+
+template <class T, int N, bool WIDE>
+ROPEKV_HD Chunk<T, N> load_chunk(const T* src) {
+  Chunk<T, N> c;
+  copy_chunk<T, N, WIDE>(c.e, src);
+  return c;
+}
+
+template <class T, int N, bool WIDE>
+ROPEKV_HD void store_chunk(T* dst, const Chunk<T, N>& c) {
+  copy_chunk<T, N, WIDE>(dst, c.e);
+}
+
+ROPEKV_HD int64_t cache_slot_offset(const CacheTensor& c, int64_t slot) {
+  if (c.page_size == 1) return slot * c.page_stride;
+  return (slot / c.page_size) * c.page_stride + (slot % c.page_size) * c.slot_stride;
+}
+
+ROPEKV_HD float scale_for_head(const Scale& s, int head) {
+  return s.ptr ? s.ptr[head * s.head_stride] : s.value;
+}
+
+// Writes N input elements into the cache at (slot, head, d).
+template <class T, class C, int N, bool WIDE>
+ROPEKV_HD void write_cache_chunk(const CacheTensor& cache, const Scale& scale, int64_t slot,
+                                 int head, int d, const Chunk<T, N>& x) {
+  C* dst = static_cast<C*>(cache.ptr) + cache_slot_offset(cache, slot) + head * cache.head_stride + d;
+  if constexpr (std::is_same_v<T, C>) {
+    store_chunk<T, N, WIDE>(dst, x);
+  } else {
+    const float s = scale_for_head(scale, head);
+    Chunk<C, N> out;
+#pragma unroll
+    for (int i = 0; i < N; ++i) out.e[i] = convert_to_cache<T, C>(x.e[i], s);
+    store_chunk<C, N, WIDE>(dst, out);
+  }
+}
+
+// Rotates chunk j of one head of x in place; returns the rotated elements so
+// the caller can also write them to the cache. NeoX: the chunk is elements
+// [jW, jW+W) and their partners R/2 further on. Interleaved: the chunk is
+// elements [jW, jW+W) holding W/2 adjacent pairs.
+template <class T, bool NEOX, int W, bool WIDE>
+ROPEKV_HD void rotate_chunk(const RopeKVParams& p, T* head_ptr, int j, int64_t pos,
+                            Chunk<T, W>& lo, Chunk<T, W>& hi) {
+  using E = Elem<T>;
+  const int half = p.rot_dim / 2;
+  const int64_t row = pos * p.rot_dim;
+  if constexpr (NEOX) {
+    const int i0 = j * W;
+    lo = load_chunk<T, W, WIDE>(head_ptr + i0);
+    hi = load_chunk<T, W, WIDE>(head_ptr + i0 + half);
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      const float c = load_cos_sin(p.cos_sin, p.cos_sin_dtype, row + i0 + e);
+      const float s = load_cos_sin(p.cos_sin, p.cos_sin_dtype, row + half + i0 + e);
+      float a, b;
+      rotate_pair(E::load(lo.e[e]), E::load(hi.e[e]), c, s, a, b);
+      lo.e[e] = E::store(a);
+      hi.e[e] = E::store(b);
+    }
+    store_chunk<T, W, WIDE>(head_ptr + i0, lo);
+    store_chunk<T, W, WIDE>(head_ptr + i0 + half, hi);
+  } else {
+    const int i0 = j * W;
+    lo = load_chunk<T, W, WIDE>(head_ptr + i0);
+#pragma unroll
+    for (int e = 0; e < W / 2; ++e) {
+      const int pair = i0 / 2 + e;
+      const float c = load_cos_sin(p.cos_sin, p.cos_sin_dtype, row + pair);
+      const float s = load_cos_sin(p.cos_sin, p.cos_sin_dtype, row + half + pair);
+      float a, b;
+      rotate_pair(E::load(lo.e[2 * e]), E::load(lo.e[2 * e + 1]), c, s, a, b);
+      lo.e[2 * e] = E::store(a);
+      lo.e[2 * e + 1] = E::store(b);
+    }
+    store_chunk<T, W, WIDE>(head_ptr + i0, lo);
+  }
+}
+
+// Does unit u of token t. Positions outside [0, max_pos) are not rotated
+// (nothing outside the cos/sin cache is read); slots outside [0, num_slots)
+// are not written.
+template <class T, class C, bool NEOX, bool WIDE>
+ROPEKV_HD void run_unit(const RopeKVParams& p, const UnitLayout& L, int64_t t, int u) {
+  constexpr int W = chunk_elems<T, NEOX, WIDE>();
+  if (u < L.k_rot_end) {
+    const bool is_q = u < L.q_end;
+    const int v = is_q ? u : u - L.q_end;
+    const int head = v / L.rot_units;
+    const int j = v - head * L.rot_units;
+    const TokenTensor& x = is_q ? p.q : p.k;
+    T* head_ptr = static_cast<T*>(x.ptr) + t * x.token_stride + head * x.head_stride;
+    const int64_t pos = load_index(p.positions, p.positions_i64, t);
+    const bool pos_ok = pos >= 0 && pos < p.max_pos;
+    Chunk<T, W> lo, hi;
+    if (pos_ok) {
+      rotate_chunk<T, NEOX, W, WIDE>(p, head_ptr, j, pos, lo, hi);
+    } else {
+      lo = load_chunk<T, W, WIDE>(head_ptr + j * W);
+      if constexpr (NEOX) hi = load_chunk<T, W, WIDE>(head_ptr + j * W + p.rot_dim / 2);
+    }
+    if (!is_q && p.write_cache) {
+      const int64_t slot = load_index(p.loc, p.loc_i64, t);
+      if (slot >= 0 && slot < p.k_cache.num_slots) {
+        write_cache_chunk<T, C, W, WIDE>(p.k_cache, p.k_scale, slot, head, j * W, lo);
+        if constexpr (NEOX) {
+          write_cache_chunk<T, C, W, WIDE>(p.k_cache, p.k_scale, slot, head, j * W + p.rot_dim / 2, hi);
+        }
+      }
+    }
+    return;
+  }
+  const int64_t slot = load_index(p.loc, p.loc_i64, t);
+  const bool is_k = u < L.k_tail_end;
+  const CacheTensor& cache = is_k ? p.k_cache : p.v_cache;
+  if (slot < 0 || slot >= cache.num_slots) return;
+  const int v = is_k ? u - L.k_rot_end : u - L.k_tail_end;
+  const int per_head = is_k ? L.tail_units : L.v_units;
+  const int head = v / per_head;
+  const int d = (is_k ? p.rot_dim : 0) + (v - head * per_head) * W;
+  const TokenTensor& x = is_k ? p.k : p.v;
+  const T* src = static_cast<const T*>(x.ptr) + t * x.token_stride + head * x.head_stride + d;
+  write_cache_chunk<T, C, W, WIDE>(cache, is_k ? p.k_scale : p.v_scale, slot, head, d,
+                                   load_chunk<T, W, WIDE>(src));
+}
+
+}  // namespace ropekv

@@ -1,0 +1,25 @@
+// CPU backend: the same units as the CUDA kernel, run in order per token.
+#include "launchers.h"
+#include "dispatch.h"
+
+namespace ropekv {
+
+void rope_kv_cpu(const RopeKVParams& p, DType input, DType cache) {
+  if (p.num_tokens == 0) return;
+  const bool wide = use_wide_path(p, input, cache);
+  dispatch_rope_kv(input, cache, p.neox, wide, [&](auto t, auto c, auto n, auto w) {
+    using T = typename decltype(t)::type;
+    using C = typename decltype(c)::type;
+    constexpr bool NEOX = decltype(n)::value;
+    constexpr bool WIDE = decltype(w)::value;
+    const UnitLayout L = make_layout<T, NEOX, WIDE>(p);
+    const int64_t num_tokens = p.num_tokens;
+    // Threads only pay off once there is real work to split.
+#pragma omp parallel for schedule(static) if (num_tokens * L.total > (1 << 15))
+    for (int64_t tok = 0; tok < num_tokens; ++tok) {
+      for (int u = 0; u < L.total; ++u) run_unit<T, C, NEOX, WIDE>(p, L, tok, u);
+    }
+  });
+}
+
+}  // namespace ropekv

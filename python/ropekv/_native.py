@@ -1,0 +1,71 @@
+"""Runs a Plan on the compiled extension (ropekv._C): CPU or CUDA kernels.
+
+Tensors cross into C++ through DLPack. fp8 caches travel as uint8 views with
+their dtype passed alongside, since DLPack support for fp8 varies between
+torch versions; the kernels only need the bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._validate import Plan
+
+try:
+    from . import _C  # type: ignore[attr-defined]
+
+    IMPORT_ERROR = None
+except ImportError as e:  # the fallback takes over; _backend says why, once
+    _C = None
+    IMPORT_ERROR = e
+
+# Must match ropekv::DType in cpp/include/ropekv/numeric.h.
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float8_e4m3fn: 3,
+    torch.float8_e5m2: 4,
+}
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def serves(device: torch.device) -> bool:
+    """Whether the compiled extension has kernels for tensors on this device."""
+    if _C is None:
+        return False
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and bool(_C.with_cuda) and torch.version.hip is None
+
+
+def _bytes_view(t):
+    if t is not None and t.dtype.itemsize == 1:
+        return t.view(torch.uint8)
+    return t
+
+
+def run(plan: Plan) -> None:
+    k = plan.k
+    stream = torch.cuda.current_stream(k.device).cuda_stream if k.device.type == "cuda" else 0
+    _C.rope_kv(
+        plan.q,
+        k,
+        plan.v,
+        _bytes_view(plan.k_cache),
+        _bytes_view(plan.v_cache),
+        DTYPE_CODES[plan.cache_dtype] if plan.cache_dtype is not None else DTYPE_CODES[k.dtype],
+        plan.loc,
+        plan.positions,
+        plan.cos_sin,
+        plan.rot_dim,
+        plan.neox,
+        plan.k_scale,
+        plan.k_scale_value,
+        plan.v_scale,
+        plan.v_scale_value,
+        stream,
+    )
