@@ -1,0 +1,84 @@
+"""Test configuration: hypothesis profiles and the backends every test runs on.
+
+ROPEKV_HYPOTHESIS_PROFILE=ci (default: bounded, reproducible, no deadline) or
+thorough (many more examples; what scripts/gpu-check.sh uses on a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import ropekv
+from ropekv import _backend, _native
+
+settings.register_profile(
+    "ci",
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=400,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("ROPEKV_HYPOTHESIS_PROFILE", "ci"))
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _backends():
+    out = []
+    if _native.available():
+        out.append(pytest.param(("native", "cpu"), id="native-cpu"))
+    out.append(pytest.param(("torch", "cpu"), id="torch-cpu"))
+    cuda_skip = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+    out.append(pytest.param(("native", "cuda"), id="native-cuda", marks=cuda_skip))
+    out.append(pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_skip))
+    return out
+
+
+BACKENDS = _backends()
+
+
+def force_backend(name: str):
+    """Makes the next calls use backend `name` ('native', 'torch' or 'auto')."""
+    os.environ["ROPEKV_BACKEND"] = name
+    _backend.reset()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """(backend name, device): the test's calls run on that backend."""
+    name, device = request.param
+    if name == "native" and device == "cuda" and not _native.serves(torch.device("cuda")):
+        pytest.skip("this build has no CUDA backend")
+    saved = os.environ.get("ROPEKV_BACKEND")
+    force_backend(name)
+    yield name, torch.device(device)
+    if saved is None:
+        os.environ.pop("ROPEKV_BACKEND", None)
+    else:
+        os.environ["ROPEKV_BACKEND"] = saved
+    _backend.reset()
+
+
+@pytest.fixture(autouse=True)
+def _no_check_env(monkeypatch):
+    monkeypatch.delenv("ROPEKV_CHECK", raising=False)
+
+
+def pytest_report_header(config):
+    info = ropekv.info()
+    return (
+        f"ropekv {info['version']}: extension {info['extension']}, cuda build {info['compiled_cuda']}, "
+        f"archs {info['cuda_architectures'] or '-'}, cuda device {info['cuda_device']}"
+    )

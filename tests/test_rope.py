@@ -1,0 +1,201 @@
+"""RoPE, alone and fused with the KV write, against the float64 reference on
+every backend (SPEC.md section 3)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from hypothesis import given, strategies as st
+
+import ropekv
+import reference as ref
+from cases import FLOATS, KVCase, build_kv, head_dims, kv_cases, make_inputs
+from conftest import force_backend
+
+
+def cos_sin_cache(max_pos: int, rot_dim: int, dtype=torch.float32, base: float = 10000.0) -> torch.Tensor:
+    inv_freq = base ** (-torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
+    angles = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1).to(dtype)
+
+
+@dataclasses.dataclass
+class RopeCase:
+    T: int
+    hq: int
+    hk: int
+    head_size: int
+    rot_dim: int
+    neox: bool
+    dtype: torch.dtype
+    cos_sin_dtype: torch.dtype
+    layout: str
+    index_dtype: torch.dtype
+    max_pos: int
+    bad_pos_frac: float
+    kv: Optional[KVCase]
+    seed: int
+
+
+@st.composite
+def rope_cases(draw, fused=None, max_tokens: int = 40):
+    hk = draw(st.integers(1, 8))
+    ratio = draw(st.sampled_from([1, 2, 4, 8]))
+    hq = draw(st.one_of(st.just(hk * ratio), st.integers(1, 64)))
+    head_size = draw(head_dims(512 if hq <= 16 else 128))
+    rot_dim = draw(st.one_of(st.just(head_size), st.integers(1, head_size // 2).map(lambda x: 2 * x)))
+    fused = draw(st.booleans()) if fused is None else fused
+    kv = draw(kv_cases(max_tokens=max_tokens, hk=hk, dk=head_size)) if fused else None
+    T = kv.T if kv else draw(st.integers(0, max_tokens))
+    return RopeCase(
+        T=T,
+        hq=hq,
+        hk=hk,
+        head_size=head_size,
+        rot_dim=rot_dim,
+        neox=draw(st.booleans()),
+        dtype=kv.dtype if kv else draw(st.sampled_from(FLOATS)),
+        cos_sin_dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.float16, torch.bfloat16])),
+        layout=draw(st.sampled_from(["qkv", "2d", "3d", "head_padded"])),
+        index_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+        max_pos=draw(st.integers(1, 4096)),
+        bad_pos_frac=draw(st.sampled_from([0.0, 0.0, 0.1])),
+        kv=kv,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def build_rope(case: RopeCase, device):
+    gen = torch.Generator().manual_seed(case.seed)
+    q, k = make_inputs(gen, case.layout, case.T, [(case.hq, case.head_size), (case.hk, case.head_size)], case.dtype, device)
+    cs = cos_sin_cache(case.max_pos, case.rot_dim, case.cos_sin_dtype).to(device)
+    pos = torch.randint(0, case.max_pos, (case.T,), generator=gen)
+    bad = torch.rand(case.T, generator=gen) < case.bad_pos_frac
+    pos = torch.where(bad, case.max_pos + torch.randint(-2 * case.max_pos - 3, 3, (case.T,), generator=gen) * 0 + case.max_pos, pos)
+    pos = torch.where(bad & (torch.rand(case.T, generator=gen) < 0.5), -1, pos)
+    kv = None
+    if case.kv is not None:
+        kv = build_kv(dataclasses.replace(case.kv, T=case.T), device, gen, k=k)
+    return q, k, pos.to(case.index_dtype).to(device), cs, kv
+
+
+def as3(x, h, d):
+    return x if x.dim() == 3 else x.unflatten(1, (h, d))
+
+
+def run_rope_case(case: RopeCase, device, api: str = "sgl"):
+    q, k, pos, cs, kv = build_rope(case, device)
+    want_q, slack_q = ref.rope(as3(q, case.hq, case.head_size), pos, cs, case.neox)
+    want_k, slack_k = ref.rope(as3(k, case.hk, case.head_size), pos, cs, case.neox)
+    if api == "sgl":
+        arg = None
+        if kv is not None:
+            arg = ropekv.FusedSetKVBufferArg(
+                value=kv.v, k_buffer=kv.k_cache, v_buffer=kv.v_cache,
+                k_scale=kv.k_scale, v_scale=kv.v_scale, cache_loc=kv.loc,
+            )
+        ropekv.apply_rope_with_cos_sin_cache_inplace(pos, q, k, case.head_size, cs, case.neox, arg)
+    else:
+        extra = {}
+        if kv is not None:
+            extra = dict(v=kv.v, k_cache=kv.k_cache, v_cache=kv.v_cache, loc=kv.loc, k_scale=kv.k_scale, v_scale=kv.v_scale)
+        ropekv.rope_and_store(pos, q, k, cs, head_size=case.head_size, is_neox=case.neox, **extra)
+    ref.assert_close_rope(as3(q, case.hq, case.head_size), want_q, slack_q, f"query of {case}")
+    ref.assert_close_rope(as3(k, case.hk, case.head_size), want_k, slack_k, f"key of {case}")
+    if kv is not None:
+        # The caches hold exactly store_kv(rotated key, value).
+        want_kc, want_vc = ref.store_kv(kv.k3, kv.v3, kv.k_cache, kv.v_cache, kv.loc, kv.k_scale, kv.v_scale)
+        assert torch.equal(ref.bits(kv.k_cache).cpu(), want_kc), f"k_buffer differs for {case}"
+        assert torch.equal(ref.bits(kv.v_cache).cpu(), want_vc), f"v_buffer differs for {case}"
+    return q, k, kv
+
+
+@given(case=rope_cases(fused=False))
+def test_rope_matches_reference(backend, case):
+    run_rope_case(case, backend[1])
+
+
+@given(case=rope_cases(fused=True))
+def test_fused_rope_matches_reference(backend, case):
+    run_rope_case(case, backend[1])
+
+
+@given(case=rope_cases(), api=st.sampled_from(["sgl", "native"]))
+def test_rope_both_apis(backend, case, api):
+    run_rope_case(case, backend[1], api)
+
+
+@given(case=rope_cases(fused=True))
+def test_fused_equals_rope_then_store_kv(backend, case):
+    """Bit-identical to RoPE followed by store_kv on the same backend."""
+    device = backend[1]
+    q1, k1, kv1 = run_rope_case(case, device)
+    q2, k2, pos, cs, kv2 = build_rope(case, device)
+    ropekv.apply_rope_with_cos_sin_cache_inplace(pos, q2, k2, case.head_size, cs, case.neox)
+    ropekv.store_kv(kv2.k, kv2.v, kv2.k_cache, kv2.v_cache, kv2.loc, k_scale=kv2.k_scale, v_scale=kv2.v_scale)
+    for a, b in ((q1, q2), (k1, k2), (kv1.k_cache, kv2.k_cache), (kv1.v_cache, kv2.v_cache)):
+        assert torch.equal(ref.bits(a), ref.bits(b))
+
+
+@given(case=rope_cases())
+def test_native_matches_fallback_bit_for_bit(backend, case):
+    """The compiled kernels and the torch fallback round identically."""
+    name, device = backend
+    if name != "native":
+        return
+    out_native = run_rope_case(case, device)
+    force_backend("torch")
+    out_torch = run_rope_case(case, device)
+    force_backend("native")
+    for a, b in zip(out_native[:2], out_torch[:2]):
+        assert torch.equal(ref.bits(a), ref.bits(b))
+    if case.kv is not None:
+        assert torch.equal(ref.bits(out_native[2].k_cache), ref.bits(out_torch[2].k_cache))
+        assert torch.equal(ref.bits(out_native[2].v_cache), ref.bits(out_torch[2].v_cache))
+
+
+def test_rotated_key_written_back_in_fused_path(backend):
+    """Regression: the fused path must update `key` itself, not only the cache."""
+    device = backend[1]
+    T, H, D = 4, 2, 64
+    qkv = torch.randn(T, 3 * H * D, device=device).to(torch.bfloat16)
+    q, k, v = qkv[:, : H * D], qkv[:, H * D : 2 * H * D], qkv[:, 2 * H * D :]
+    k_before = k.clone()
+    kc = torch.randn(8, H, D, device=device).to(torch.bfloat16)
+    vc = torch.randn(8, H, D, device=device).to(torch.bfloat16)
+    pos = torch.tensor([1, 5, 9, 100], device=device)
+    cs = cos_sin_cache(128, D).to(device)
+    loc = torch.tensor([0, 2, 4, 6], device=device)
+    arg = ropekv.FusedSetKVBufferArg(value=v, k_buffer=kc, v_buffer=vc, cache_loc=loc)
+    ropekv.apply_rope_with_cos_sin_cache_inplace(pos, q, k, D, cs, True, arg)
+    assert not torch.equal(k, k_before)
+    assert torch.equal(ref.bits(kc[[0, 2, 4, 6]]), ref.bits(k.unflatten(1, (H, D))))
+    want, slack = ref.rope(k_before.unflatten(1, (H, D)), pos, cs, True)
+    ref.assert_close_rope(k.unflatten(1, (H, D)), want, slack, "key")
+
+
+def test_partial_rotary_tail_unchanged_and_cached(backend):
+    device = backend[1]
+    T, H, D, R = 3, 2, 128, 64
+    q = torch.randn(T, H, D, device=device).to(torch.float16)
+    k = torch.randn(T, H, D, device=device).to(torch.float16)
+    q0, k0 = q.clone(), k.clone()
+    kc = torch.randn(4, H, D, device=device).to(torch.float16)
+    vc = torch.randn(4, H, D, device=device).to(torch.float16)
+    ropekv.rope_and_store(torch.tensor([3, 7, 11], device=device), q, k, cos_sin_cache(16, R).to(device),
+                          v=k0.clone(), k_cache=kc, v_cache=vc, loc=torch.tensor([0, 1, 2], device=device))
+    assert torch.equal(q[..., R:], q0[..., R:]) and torch.equal(k[..., R:], k0[..., R:])
+    assert not torch.equal(k[..., :R], k0[..., :R])
+    assert torch.equal(kc[:3], k)
+
+
+def test_out_of_range_positions_leave_token_unrotated(backend):
+    device = backend[1]
+    q = torch.randn(3, 2, 64, device=device)
+    k = torch.randn(3, 2, 64, device=device)
+    q0 = q.clone()
+    ropekv.apply_rope_with_cos_sin_cache_inplace(torch.tensor([-5, 1, 16], device=device), q, k, 64,
+                                                 cos_sin_cache(16, 64).to(device))
+    assert torch.equal(q[0], q0[0]) and torch.equal(q[2], q0[2]) and not torch.equal(q[1], q0[1])

@@ -1,0 +1,96 @@
+"""store_kv against the float64 reference, on every backend (SPEC.md section 2)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, strategies as st
+
+import ropekv
+import reference as ref
+from cases import KVCase, build_kv, kv_cases
+
+
+def run_store_case(case: KVCase, device: torch.device) -> None:
+    gen = torch.Generator().manual_seed(case.seed)
+    t = build_kv(case, device, gen)
+    k_before, v_before = ref.bits(t.k).clone(), ref.bits(t.v).clone()
+    want_k, want_v = ref.store_kv(t.k3, t.v3, t.k_cache, t.v_cache, t.loc, t.k_scale, t.v_scale)
+    ropekv.store_kv(t.k, t.v, t.k_cache, t.v_cache, t.loc, k_scale=t.k_scale, v_scale=t.v_scale)
+    # Whole caches, bit for bit: the named slots hold the converted rows, every
+    # other slot (and the padding of strided layouts... which lies outside the
+    # views and is checked through the base below) is unchanged.
+    assert torch.equal(ref.bits(t.k_cache).cpu(), want_k), f"k_cache differs for {case}"
+    assert torch.equal(ref.bits(t.v_cache).cpu(), want_v), f"v_cache differs for {case}"
+    assert torch.equal(ref.bits(t.k), k_before) and torch.equal(ref.bits(t.v), v_before), "inputs modified"
+
+
+@given(case=kv_cases())
+def test_store_kv_matches_reference(backend, case):
+    run_store_case(case, backend[1])
+
+
+@given(case=kv_cases(max_tokens=8, max_heads=2, max_dim=16))
+def test_store_kv_small_shapes(backend, case):
+    run_store_case(case, backend[1])
+
+
+def test_store_kv_padding_outside_views_untouched(backend):
+    """Bytes between rows of a strided cache (not part of any slot) stay as they were."""
+    device = backend[1]
+    base = torch.randn(10, 2 * 64 + 16, device=device).to(torch.bfloat16)
+    before = base.clone()
+    cache = base[:, : 2 * 64].unflatten(1, (2, 64))
+    v_cache = torch.randn(10, 2, 64, device=device).to(torch.bfloat16)
+    k = torch.randn(4, 2, 64, device=device).to(torch.bfloat16)
+    v = torch.randn(4, 2, 64, device=device).to(torch.bfloat16)
+    loc = torch.tensor([0, 9, -1, 4], device=device)
+    ropekv.store_kv(k, v, cache, v_cache, loc)
+    assert torch.equal(ref.bits(base[:, 128:]), ref.bits(before[:, 128:]))
+    assert torch.equal(ref.bits(cache[9]), ref.bits(k[1]))
+    assert torch.equal(ref.bits(base[[1, 2, 3, 5, 6, 7, 8]]), ref.bits(before[[1, 2, 3, 5, 6, 7, 8]]))
+
+
+@given(seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([torch.float8_e4m3fn, torch.float8_e5m2]))
+def test_fp8_saturation_and_nan(backend, seed, dtype):
+    """Out-of-range values saturate at the largest finite value; NaN stays NaN."""
+    device = backend[1]
+    big = 448.0 if dtype == torch.float8_e4m3fn else 57344.0
+    vals = torch.tensor([1e30, -1e30, float("inf"), -float("inf"), big * 1.01, -big * 1.2, 0.0, -0.0], dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.cat([vals, torch.randn(8, generator=gen) * 1000]).reshape(1, 2, 8).to(device)
+    k[0, 1, 7] = float("nan")
+    v = k.clone()
+    kc = torch.zeros(3, 2, 8, dtype=dtype, device=device)
+    vc = torch.zeros_like(kc)
+    ropekv.store_kv(k, v, kc, vc, torch.tensor([1], device=device), k_scale=0.5)
+    got = kc[1].cpu().to(torch.float64).flatten()
+    assert got[0] == big and got[1] == -big and got[2] == big and got[3] == -big
+    assert got[4] == big and got[5] == -big
+    assert torch.isnan(got[15])
+    want, _ = ref.store_kv(k, v, kc, vc, torch.tensor([1]), 0.5)
+    nan = torch.isnan(kc.cpu().to(torch.float64))
+    assert torch.equal(ref.bits(kc).cpu()[~nan], want[~nan])
+
+
+def test_zero_tokens_is_a_no_op(backend):
+    device = backend[1]
+    k = torch.empty(0, 2, 64, device=device)
+    kc = torch.randn(4, 2, 64, device=device)
+    before = kc.clone()
+    ropekv.store_kv(k, k, kc, kc.clone(), torch.empty(0, dtype=torch.int64, device=device))
+    assert torch.equal(kc, before)
+
+
+def test_duplicate_slots_take_one_tokens_values(backend):
+    """SPEC.md 2: several tokens naming one slot leave each element equal to one of theirs."""
+    device = backend[1]
+    T, H, D = 64, 4, 128
+    k = torch.randn(T, H, D, device=device).to(torch.bfloat16)
+    v = torch.randn(T, H, D, device=device).to(torch.bfloat16)
+    kc = torch.randn(8, H, D, device=device).to(torch.bfloat16)
+    vc = torch.randn(8, H, D, device=device).to(torch.bfloat16)
+    loc = torch.tensor([3, 5] * (T // 2), device=device)
+    ropekv.store_kv(k, v, kc, vc, loc)
+    for slot, tokens in ((3, k[0::2]), (5, k[1::2])):
+        match = (ref.bits(tokens) == ref.bits(kc[slot])[None]).any(dim=0)
+        assert bool(match.all())
