@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"  # the interpreter that has torch
 BENCH=1
 BENCH_ARGS="--quick"
 while [ $# -gt 0 ]; do
@@ -21,16 +22,16 @@ done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 echo "== build"
 export ROPEKV_CUDA_ARCHITECTURES="${ROPEKV_CUDA_ARCHITECTURES:-90-real}"
-if ! pip install --no-build-isolation -v . >"$OUT/build.log" 2>&1; then
+if ! "$PY" -m pip install --no-build-isolation -v . >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
 fi
 grep -E "ropekv:|warning" "$OUT/build.log" | head -20
-python -m ropekv info
+"$PY" -m ropekv info
 
 echo "== tests (hypothesis profile ${ROPEKV_HYPOTHESIS_PROFILE:=thorough})"
 export ROPEKV_HYPOTHESIS_PROFILE
 # Run from outside the repo so the installed package is what gets imported.
-(cd /tmp && python -m pytest "$OLDPWD/tests" -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" "$@") \
+(cd /tmp && "$PY" -m pytest "$OLDPWD/tests" -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" "$@") \
   >"$OUT/tests.log" 2>&1
 TEST_RC=$?
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -5
@@ -39,7 +40,7 @@ grep -E "passed|failed|error" "$OUT/tests.log" | tail -5
 BENCH_RC=0
 if [ $BENCH -eq 1 ]; then
   echo "== bench $BENCH_ARGS"
-  python -m ropekv bench $BENCH_ARGS --out-dir "$OUT" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
+  "$PY" -m ropekv bench $BENCH_ARGS --out-dir "$OUT" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
   BENCH_RC=${PIPESTATUS[0]}
 fi
 echo "== summary: tests rc=$TEST_RC, bench rc=$BENCH_RC"

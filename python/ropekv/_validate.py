@@ -43,6 +43,8 @@ class Plan:
     v_scale: Optional[torch.Tensor] = None
     v_scale_value: float = 1.0
     check: bool = False
+    loc_name: str = "loc"  # the caller's names, for check-mode messages
+    positions_name: str = "positions"
 
     @property
     def num_tokens(self) -> int:
@@ -81,16 +83,22 @@ def _last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         )
 
 
-def token_heads(name: str, t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
-    """Views a [T, H*D] or [T, H, D] input as [T, H, D] (never copies)."""
+def token_heads(name: str, t: torch.Tensor, heads: int, dim: int, source: str = "") -> torch.Tensor:
+    """Views a [T, H*D] or [T, H, D] input as [T, H, D] (never copies).
+
+    source: where heads and dim came from, for the message (e.g. the cache).
+    """
     _last_dim_contiguous(name, t)
+    why = f" to match {source}" if source else ""
     if t.dim() == 3:
         if tuple(t.shape[1:]) != (heads, dim):
-            raise ValueError(f"{name} has shape {_shape(t)}, expected [T, {heads}, {dim}]")
+            raise ValueError(f"{name} has shape {_shape(t)}, expected [T, {heads}, {dim}]{why}")
         return t
     if t.dim() == 2:
         if t.shape[1] != heads * dim:
-            raise ValueError(f"{name} has shape {_shape(t)}, expected [T, {heads * dim}] ({heads} heads of {dim})")
+            raise ValueError(
+                f"{name} has shape {_shape(t)}, expected [T, {heads * dim}] ({heads} heads of {dim}){why}"
+            )
         return t.unflatten(1, (heads, dim))
     raise ValueError(f"{name} must be 2-D [T, H*D] or 3-D [T, H, D], got shape {_shape(t)}")
 
@@ -116,18 +124,19 @@ def cache_pages(name: str, c: torch.Tensor, heads: int, dim: int) -> torch.Tenso
     raise ValueError(f"{name} must be 2-D, 3-D or 4-D (paged), got shape {_shape(c)}")
 
 
-def infer_heads(name: str, t: torch.Tensor, cache: torch.Tensor, scale) -> Tuple[int, int]:
-    """(H, D) of an input whose head layout is known from itself, its cache, or a per-head scale."""
+def infer_heads(name: str, t: torch.Tensor, cache_name: str, cache: torch.Tensor, scale) -> Tuple[int, int, str]:
+    """(H, D, source) of an input whose head layout is known from itself, its
+    cache, or a per-head scale; source names where it came from."""
     if t.dim() == 3:
-        return int(t.shape[1]), int(t.shape[2])
+        return int(t.shape[1]), int(t.shape[2]), ""
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [T, H*D] or 3-D [T, H, D], got shape {_shape(t)}")
     if isinstance(cache, torch.Tensor) and cache.dim() >= 3:
-        return int(cache.shape[-2]), int(cache.shape[-1])
+        return int(cache.shape[-2]), int(cache.shape[-1]), f"{cache_name} of shape {_shape(cache)}"
     width = int(t.shape[1])
     if isinstance(scale, torch.Tensor) and scale.numel() > 1 and width % scale.numel() == 0:
-        return scale.numel(), width // scale.numel()
-    return 1, width
+        return scale.numel(), width // scale.numel(), ""
+    return 1, width, ""
 
 
 def index_tensor(name: str, t, num_tokens: int, device: torch.device) -> torch.Tensor:
@@ -196,8 +205,8 @@ def cache_write(plan: Plan, v, k_cache, v_cache, loc, k_scale, v_scale, names) -
     if k_cache.dtype != v_cache.dtype:
         raise TypeError(f"{names['k_cache']} is {k_cache.dtype} but {names['v_cache']} is {v_cache.dtype}; they must match")
     _same_device(device, **{names["v"]: v, names["k_cache"]: k_cache, names["v_cache"]: v_cache})
-    hv, dv = infer_heads(names["v"], v, v_cache, v_scale)
-    v3 = token_heads(names["v"], v, hv, dv)
+    hv, dv, source = infer_heads(names["v"], v, names["v_cache"], v_cache, v_scale)
+    v3 = token_heads(names["v"], v, hv, dv, source)
     if v3.shape[0] != k.shape[0]:
         raise ValueError(f"{names['v']} has {v3.shape[0]} tokens, {names['k']} has {k.shape[0]}")
     hk, dk = int(k.shape[1]), int(k.shape[2])
@@ -208,6 +217,7 @@ def cache_write(plan: Plan, v, k_cache, v_cache, loc, k_scale, v_scale, names) -
             f"{names['k_cache']} ({_shape(k_cache)}) and {names['v_cache']} ({_shape(v_cache)}) hold different numbers of slots"
         )
     plan.loc = index_tensor(names["loc"], loc, k.shape[0], device)
+    plan.loc_name = names["loc"]
     plan.v, plan.k_cache, plan.v_cache, plan.cache_dtype = v3, kc, vc, k_cache.dtype
     plan.k_scale, plan.k_scale_value = scale_arg(names["k_scale"], k_scale, hk, device)
     plan.v_scale, plan.v_scale_value = scale_arg(names["v_scale"], v_scale, hv, device)
@@ -219,8 +229,8 @@ STORE_NAMES = dict(k="k", v="v", k_cache="k_cache", v_cache="v_cache", loc="loc"
 def plan_store_kv(k, v, k_cache, v_cache, loc, k_scale, v_scale, check) -> Plan:
     float_input("k", k)
     _require_tensor("k_cache", k_cache)
-    hk, dk = infer_heads("k", k, k_cache, k_scale)
-    plan = Plan(k=token_heads("k", k, hk, dk), check=check_mode(check))
+    hk, dk, source = infer_heads("k", k, "k_cache", k_cache, k_scale)
+    plan = Plan(k=token_heads("k", k, hk, dk, source), check=check_mode(check))
     cache_write(plan, v, k_cache, v_cache, loc, k_scale, v_scale, STORE_NAMES)
     return plan
 
@@ -260,7 +270,7 @@ def plan_rope(positions, query, key, head_size, cos_sin_cache, is_neox, check, n
         raise TypeError(f"is_neox must be a bool, got {type(is_neox).__name__}")
     pos = index_tensor(names["positions"], positions, k3.shape[0], device)
     return Plan(k=k3, q=q3, positions=pos, cos_sin=cos_sin_cache, rot_dim=rot_dim, neox=bool(is_neox),
-                check=check_mode(check))
+                check=check_mode(check), positions_name=names["positions"])
 
 
 def _heads(name: str, t: torch.Tensor, head_size: int) -> int:
@@ -278,11 +288,11 @@ def check_indices(plan: Plan) -> None:
     """The opt-in range check (check=True / ROPEKV_CHECK=1); synchronizes."""
     if plan.loc is not None:
         slots = plan.k_cache.shape[0] * plan.k_cache.shape[1]
-        _first_bad("loc", plan.loc, plan.loc >= slots, f"out of range for a cache of {slots} slots")
+        _first_bad(plan.loc_name, plan.loc, plan.loc >= slots, f"out of range for a cache of {slots} slots")
     if plan.positions is not None:
         max_pos = plan.cos_sin.shape[0]
         bad = (plan.positions < 0) | (plan.positions >= max_pos)
-        _first_bad("positions", plan.positions, bad, f"outside the cos/sin cache of {max_pos} positions")
+        _first_bad(plan.positions_name, plan.positions, bad, f"outside the cos/sin cache of {max_pos} positions")
 
 
 def _first_bad(name: str, t: torch.Tensor, bad: torch.Tensor, why: str) -> None:
