@@ -88,6 +88,8 @@ void rope_kv(OptArray q, nb::ndarray<> k, OptArray v, OptArray k_cache, OptArray
     p.cos_sin = cos_sin->data();
     p.cos_sin_dtype = input_dtype(*cos_sin);
     p.max_pos = int64_t(cos_sin->shape(0));
+    p.cos_sin_vec4 = p.cos_sin_dtype == DType::f32 && rot_dim % 4 == 0 &&
+                     reinterpret_cast<uintptr_t>(p.cos_sin) % 16 == 0;
     require(int(cos_sin->shape(1)) == rot_dim, "cos_sin width must equal rot_dim");
   }
   DType cache = input;

@@ -12,12 +12,13 @@ void rope_kv_cpu(const RopeKVParams& p, DType input, DType cache) {
     using C = typename decltype(c)::type;
     constexpr bool NEOX = decltype(n)::value;
     constexpr bool WIDE = decltype(w)::value;
+    constexpr int W = chunk_elems<T, NEOX, WIDE>();
     const UnitLayout L = make_layout<T, NEOX, WIDE>(p);
     const int64_t num_tokens = p.num_tokens;
     // Threads only pay off once there is real work to split.
 #pragma omp parallel for schedule(static) if (num_tokens * L.total > (1 << 15))
     for (int64_t tok = 0; tok < num_tokens; ++tok) {
-      for (int u = 0; u < L.total; ++u) run_unit<T, C, NEOX, WIDE>(p, L, tok, u);
+      for (int u = 0; u < L.total; ++u) run_unit<T, C, NEOX, WIDE>(p, decode_unit(p, L, u, W), tok);
     }
   });
 }

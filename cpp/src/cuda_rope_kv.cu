@@ -1,5 +1,6 @@
 // CUDA backend: one launch per call; each thread runs units of the operation
 // (see ropekv/rope_kv.h).
+#include <algorithm>
 #include <atomic>
 #include <stdexcept>
 #include <string>
@@ -12,16 +13,23 @@
 namespace ropekv {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kMaxDevices = 64;
+constexpr int kMaxThreadsPerBlock = 1024;
+constexpr int kMinThreadsPerBlock = 128;
+constexpr int kThreadsPerSM = 2048;
 
+// Block: x covers the units of one token (each thread keeps its unit, decoded
+// once, across tokens), y stacks tokens when a token has few units. Grid:
+// blocks over tokens, at most what the GPU holds at once; each block then
+// strides over the remaining tokens.
 template <class T, class C, bool NEOX, bool WIDE>
-__global__ void __launch_bounds__(kThreads) rope_kv_kernel(const RopeKVParams p, const UnitLayout L) {
-  const int64_t n = p.num_tokens * L.total;
-  const int64_t step = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < n; g += step) {
-    const int64_t t = g / L.total;
-    run_unit<T, C, NEOX, WIDE>(p, L, t, int(g - t * L.total));
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) rope_kv_kernel(const RopeKVParams p, const UnitLayout L) {
+  constexpr int W = chunk_elems<T, NEOX, WIDE>();
+  const int64_t first = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.y;
+  for (int u = threadIdx.x; u < L.total; u += blockDim.x) {
+    const Unit unit = decode_unit(p, L, u, W);
+    for (int64_t t = first; t < p.num_tokens; t += stride) run_unit<T, C, NEOX, WIDE>(p, unit, t);
   }
 }
 
@@ -58,13 +66,14 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
     constexpr bool NEOX = decltype(n)::value;
     constexpr bool WIDE = decltype(w)::value;
     const UnitLayout L = make_layout<T, NEOX, WIDE>(p);
-    const int64_t work = p.num_tokens * L.total;
-    if (work == 0) return;
-    const int64_t blocks_needed = (work + kThreads - 1) / kThreads;
-    const int64_t max_blocks = int64_t(sms) * (2048 / kThreads);
-    const int blocks = int(blocks_needed < max_blocks ? blocks_needed : max_blocks);
+    if (L.total == 0) return;
+    const int bx = std::min((L.total + 31) / 32 * 32, kMaxThreadsPerBlock);
+    const int by = std::max(1, kMinThreadsPerBlock / bx);
+    const int64_t blocks_needed = (p.num_tokens + by - 1) / by;
+    const int64_t resident = int64_t(sms) * std::max(1, kThreadsPerSM / (bx * by));
+    const int blocks = int(std::min(blocks_needed, resident));
     rope_kv_kernel<T, C, NEOX, WIDE>
-        <<<blocks, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p, L);
+        <<<blocks, dim3(bx, by), 0, reinterpret_cast<cudaStream_t>(stream)>>>(p, L);
     check(cudaGetLastError(), "kernel launch");
   });
   if (current != device) check(cudaSetDevice(current), "cudaSetDevice");

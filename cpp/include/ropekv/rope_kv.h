@@ -55,6 +55,7 @@ struct RopeKVParams {
   bool positions_i64 = false;
   const void* cos_sin = nullptr;
   DType cos_sin_dtype = DType::f32;
+  bool cos_sin_vec4 = false;  // fp32, 16-byte aligned, rot_dim % 4 == 0: float4 loads
   int64_t max_pos = 0;
   bool write_cache = false;
   CacheTensor k_cache, v_cache;
@@ -133,6 +134,33 @@ ROPEKV_HD float load_cos_sin(const void* ptr, DType dtype, int64_t i) {
   }
 }
 
+// N consecutive cos or sin values from element i of the table. When the table
+// allows it (p.cos_sin_vec4; i is then a multiple of min(N, 4)), as 16- or
+// 8-byte loads.
+template <int N>
+ROPEKV_HD void load_cos_sin_run(const RopeKVParams& p, int64_t i, float (&out)[N]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (N % 4 == 0 || N == 2) {
+    if (p.cos_sin_vec4) {
+      const float* src = static_cast<const float*>(p.cos_sin) + i;
+      if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int e = 0; e < N; e += 4) {
+          const float4 f = *reinterpret_cast<const float4*>(src + e);
+          out[e] = f.x; out[e + 1] = f.y; out[e + 2] = f.z; out[e + 3] = f.w;
+        }
+      } else {
+        const float2 f = *reinterpret_cast<const float2*>(src);
+        out[0] = f.x; out[1] = f.y;
+      }
+      return;
+    }
+  }
+#endif
+#pragma unroll
+  for (int e = 0; e < N; ++e) out[e] = load_cos_sin(p.cos_sin, p.cos_sin_dtype, i + e);
+}
+
 // Copies N elements; when WIDE, as one aligned vector (16, 8, 4 or 2 bytes).
 template <class T, int N, bool WIDE>
 ROPEKV_HD void copy_chunk(T* dst, const T* src) {
@@ -208,12 +236,13 @@ ROPEKV_HD void rotate_chunk(const RopeKVParams& p, T* head_ptr, int j, int64_t p
     const int i0 = j * W;
     lo = load_chunk<T, W, WIDE>(head_ptr + i0);
     hi = load_chunk<T, W, WIDE>(head_ptr + i0 + half);
+    float c[W], s[W];
+    load_cos_sin_run<W>(p, row + i0, c);
+    load_cos_sin_run<W>(p, row + half + i0, s);
 #pragma unroll
     for (int e = 0; e < W; ++e) {
-      const float c = load_cos_sin(p.cos_sin, p.cos_sin_dtype, row + i0 + e);
-      const float s = load_cos_sin(p.cos_sin, p.cos_sin_dtype, row + half + i0 + e);
       float a, b;
-      rotate_pair(E::load(lo.e[e]), E::load(hi.e[e]), c, s, a, b);
+      rotate_pair(E::load(lo.e[e]), E::load(hi.e[e]), c[e], s[e], a, b);
       lo.e[e] = E::store(a);
       hi.e[e] = E::store(b);
     }
@@ -222,13 +251,13 @@ ROPEKV_HD void rotate_chunk(const RopeKVParams& p, T* head_ptr, int j, int64_t p
   } else {
     const int i0 = j * W;
     lo = load_chunk<T, W, WIDE>(head_ptr + i0);
+    float c[W / 2], s[W / 2];
+    load_cos_sin_run<W / 2>(p, row + i0 / 2, c);
+    load_cos_sin_run<W / 2>(p, row + half + i0 / 2, s);
 #pragma unroll
     for (int e = 0; e < W / 2; ++e) {
-      const int pair = i0 / 2 + e;
-      const float c = load_cos_sin(p.cos_sin, p.cos_sin_dtype, row + pair);
-      const float s = load_cos_sin(p.cos_sin, p.cos_sin_dtype, row + half + pair);
       float a, b;
-      rotate_pair(E::load(lo.e[2 * e]), E::load(lo.e[2 * e + 1]), c, s, a, b);
+      rotate_pair(E::load(lo.e[2 * e]), E::load(lo.e[2 * e + 1]), c[e], s[e], a, b);
       lo.e[2 * e] = E::store(a);
       lo.e[2 * e + 1] = E::store(b);
     }
@@ -236,50 +265,70 @@ ROPEKV_HD void rotate_chunk(const RopeKVParams& p, T* head_ptr, int j, int64_t p
   }
 }
 
-// Does unit u of token t. Positions outside [0, max_pos) are not rotated
+// What unit u of every token does: which tensor, which head, which element.
+// Decoded once per thread on the GPU (a thread keeps its unit across tokens).
+struct Unit {
+  enum Kind : int { kQRot, kKRot, kKTail, kVCopy } kind;
+  int head;
+  int j;  // chunk index within the head (rotation) or first element (copies)
+};
+
+ROPEKV_HD Unit decode_unit(const RopeKVParams& p, const UnitLayout& L, int u, int w) {
+  Unit out;
+  int per_head;
+  if (u < L.q_end) {
+    out.kind = Unit::kQRot; per_head = L.rot_units;
+  } else if (u < L.k_rot_end) {
+    out.kind = Unit::kKRot; u -= L.q_end; per_head = L.rot_units;
+  } else if (u < L.k_tail_end) {
+    out.kind = Unit::kKTail; u -= L.k_rot_end; per_head = L.tail_units;
+  } else {
+    out.kind = Unit::kVCopy; u -= L.k_tail_end; per_head = L.v_units;
+  }
+  out.head = u / per_head;
+  out.j = u - out.head * per_head;
+  if (out.kind == Unit::kKTail) out.j = p.rot_dim + out.j * w;
+  if (out.kind == Unit::kVCopy) out.j = out.j * w;
+  return out;
+}
+
+// Does unit `unit` of token t. Positions outside [0, max_pos) are not rotated
 // (nothing outside the cos/sin cache is read); slots outside [0, num_slots)
 // are not written.
 template <class T, class C, bool NEOX, bool WIDE>
-ROPEKV_HD void run_unit(const RopeKVParams& p, const UnitLayout& L, int64_t t, int u) {
+ROPEKV_HD void run_unit(const RopeKVParams& p, const Unit& unit, int64_t t) {
   constexpr int W = chunk_elems<T, NEOX, WIDE>();
-  if (u < L.k_rot_end) {
-    const bool is_q = u < L.q_end;
-    const int v = is_q ? u : u - L.q_end;
-    const int head = v / L.rot_units;
-    const int j = v - head * L.rot_units;
+  if (unit.kind == Unit::kQRot || unit.kind == Unit::kKRot) {
+    const bool is_q = unit.kind == Unit::kQRot;
     const TokenTensor& x = is_q ? p.q : p.k;
-    T* head_ptr = static_cast<T*>(x.ptr) + t * x.token_stride + head * x.head_stride;
+    T* head_ptr = static_cast<T*>(x.ptr) + t * x.token_stride + unit.head * x.head_stride;
     const int64_t pos = load_index(p.positions, p.positions_i64, t);
-    const bool pos_ok = pos >= 0 && pos < p.max_pos;
     Chunk<T, W> lo, hi;
-    if (pos_ok) {
-      rotate_chunk<T, NEOX, W, WIDE>(p, head_ptr, j, pos, lo, hi);
+    if (pos >= 0 && pos < p.max_pos) {
+      rotate_chunk<T, NEOX, W, WIDE>(p, head_ptr, unit.j, pos, lo, hi);
     } else {
-      lo = load_chunk<T, W, WIDE>(head_ptr + j * W);
-      if constexpr (NEOX) hi = load_chunk<T, W, WIDE>(head_ptr + j * W + p.rot_dim / 2);
+      lo = load_chunk<T, W, WIDE>(head_ptr + unit.j * W);
+      if constexpr (NEOX) hi = load_chunk<T, W, WIDE>(head_ptr + unit.j * W + p.rot_dim / 2);
     }
     if (!is_q && p.write_cache) {
       const int64_t slot = load_index(p.loc, p.loc_i64, t);
       if (slot >= 0 && slot < p.k_cache.num_slots) {
-        write_cache_chunk<T, C, W, WIDE>(p.k_cache, p.k_scale, slot, head, j * W, lo);
+        write_cache_chunk<T, C, W, WIDE>(p.k_cache, p.k_scale, slot, unit.head, unit.j * W, lo);
         if constexpr (NEOX) {
-          write_cache_chunk<T, C, W, WIDE>(p.k_cache, p.k_scale, slot, head, j * W + p.rot_dim / 2, hi);
+          write_cache_chunk<T, C, W, WIDE>(p.k_cache, p.k_scale, slot, unit.head,
+                                           unit.j * W + p.rot_dim / 2, hi);
         }
       }
     }
     return;
   }
-  const int64_t slot = load_index(p.loc, p.loc_i64, t);
-  const bool is_k = u < L.k_tail_end;
+  const bool is_k = unit.kind == Unit::kKTail;
   const CacheTensor& cache = is_k ? p.k_cache : p.v_cache;
+  const int64_t slot = load_index(p.loc, p.loc_i64, t);
   if (slot < 0 || slot >= cache.num_slots) return;
-  const int v = is_k ? u - L.k_rot_end : u - L.k_tail_end;
-  const int per_head = is_k ? L.tail_units : L.v_units;
-  const int head = v / per_head;
-  const int d = (is_k ? p.rot_dim : 0) + (v - head * per_head) * W;
   const TokenTensor& x = is_k ? p.k : p.v;
-  const T* src = static_cast<const T*>(x.ptr) + t * x.token_stride + head * x.head_stride + d;
-  write_cache_chunk<T, C, W, WIDE>(cache, is_k ? p.k_scale : p.v_scale, slot, head, d,
+  const T* src = static_cast<const T*>(x.ptr) + t * x.token_stride + unit.head * x.head_stride + unit.j;
+  write_cache_chunk<T, C, W, WIDE>(cache, is_k ? p.k_scale : p.v_scale, slot, unit.head, unit.j,
                                    load_chunk<T, W, WIDE>(src));
 }
 
