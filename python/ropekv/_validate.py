@@ -43,6 +43,7 @@ class Plan:
     v_scale: Optional[torch.Tensor] = None
     v_scale_value: float = 1.0
     check: bool = False
+    enable_pdl: bool = False  # CUDA: programmatic dependent launch
     loc_name: str = "loc"  # the caller's names, for check-mode messages
     positions_name: str = "positions"
 

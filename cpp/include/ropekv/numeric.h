@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #if defined(__CUDACC__)
+#include <cuda_fp8.h>
 #define ROPEKV_HD __host__ __device__ __forceinline__
 #else
 #define ROPEKV_HD inline
@@ -166,16 +167,27 @@ template <> struct Elem<bf16_t> {
   ROPEKV_HD static float load(bf16_t x) { return to_float(x); }
   ROPEKV_HD static bf16_t store(float f) { return bf16_from_float(f); }
 };
+// On sm_89 and newer the conversion instruction (cvt.rn.satfinite) does exactly
+// what fp8_from_float spells out: nearest-even, saturate to the largest
+// finite value, NaN to NaN.
 template <> struct Elem<e4m3_t> {  // float8_e4m3fn: max 448 (0x43e00000), code 0x7e
   static constexpr DType code = DType::e4m3;
   ROPEKV_HD static e4m3_t store(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    return e4m3_t{uint8_t(__nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E4M3))};
+#else
     return e4m3_t{fp8_from_float<4, 3, 0x43e00000u, 0x7e>(f)};
+#endif
   }
 };
 template <> struct Elem<e5m2_t> {  // float8_e5m2: max 57344 (0x47600000), code 0x7b
   static constexpr DType code = DType::e5m2;
   ROPEKV_HD static e5m2_t store(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    return e5m2_t{uint8_t(__nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E5M2))};
+#else
     return e5m2_t{fp8_from_float<5, 2, 0x47600000u, 0x7b>(f)};
+#endif
   }
 };
 

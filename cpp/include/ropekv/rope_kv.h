@@ -222,49 +222,6 @@ ROPEKV_HD void write_cache_chunk(const CacheTensor& cache, const Scale& scale, i
   }
 }
 
-// Rotates chunk j of one head of x in place; returns the rotated elements so
-// the caller can also write them to the cache. NeoX: the chunk is elements
-// [jW, jW+W) and their partners R/2 further on. Interleaved: the chunk is
-// elements [jW, jW+W) holding W/2 adjacent pairs.
-template <class T, bool NEOX, int W, bool WIDE>
-ROPEKV_HD void rotate_chunk(const RopeKVParams& p, T* head_ptr, int j, int64_t pos,
-                            Chunk<T, W>& lo, Chunk<T, W>& hi) {
-  using E = Elem<T>;
-  const int half = p.rot_dim / 2;
-  const int64_t row = pos * p.rot_dim;
-  if constexpr (NEOX) {
-    const int i0 = j * W;
-    lo = load_chunk<T, W, WIDE>(head_ptr + i0);
-    hi = load_chunk<T, W, WIDE>(head_ptr + i0 + half);
-    float c[W], s[W];
-    load_cos_sin_run<W>(p, row + i0, c);
-    load_cos_sin_run<W>(p, row + half + i0, s);
-#pragma unroll
-    for (int e = 0; e < W; ++e) {
-      float a, b;
-      rotate_pair(E::load(lo.e[e]), E::load(hi.e[e]), c[e], s[e], a, b);
-      lo.e[e] = E::store(a);
-      hi.e[e] = E::store(b);
-    }
-    store_chunk<T, W, WIDE>(head_ptr + i0, lo);
-    store_chunk<T, W, WIDE>(head_ptr + i0 + half, hi);
-  } else {
-    const int i0 = j * W;
-    lo = load_chunk<T, W, WIDE>(head_ptr + i0);
-    float c[W / 2], s[W / 2];
-    load_cos_sin_run<W / 2>(p, row + i0 / 2, c);
-    load_cos_sin_run<W / 2>(p, row + half + i0 / 2, s);
-#pragma unroll
-    for (int e = 0; e < W / 2; ++e) {
-      float a, b;
-      rotate_pair(E::load(lo.e[2 * e]), E::load(lo.e[2 * e + 1]), c[e], s[e], a, b);
-      lo.e[2 * e] = E::store(a);
-      lo.e[2 * e + 1] = E::store(b);
-    }
-    store_chunk<T, W, WIDE>(head_ptr + i0, lo);
-  }
-}
-
 // What unit u of every token does: which tensor, which head, which element.
 // Decoded once per thread on the GPU (a thread keeps its unit across tokens).
 struct Unit {
@@ -292,44 +249,95 @@ ROPEKV_HD Unit decode_unit(const RopeKVParams& p, const UnitLayout& L, int u, in
   return out;
 }
 
-// Does unit `unit` of token t. Positions outside [0, max_pos) are not rotated
-// (nothing outside the cos/sin cache is read); slots outside [0, num_slots)
-// are not written.
+// A unit's work is split in two so that a thread can issue the loads of
+// several tokens before it waits on any of them (memory-level parallelism):
+// load_unit reads everything (index first, then the data it selects),
+// finish_unit computes and writes. The rotation and the cache conversion both
+// happen in finish_unit, from the values load_unit returned.
+//
+// NeoX rotation chunk j: elements [jW, jW+W) paired with the W elements R/2
+// further on. Interleaved: elements [jW, jW+W), W/2 adjacent pairs.
+template <class T, bool NEOX, int W>
+struct UnitData {
+  static constexpr int kPairs = NEOX ? W : W / 2;
+  Chunk<T, W> lo, hi;  // hi: NeoX partners only
+  float c[kPairs], s[kPairs];
+  int64_t slot;
+  bool rotate;
+};
+
+template <class T, bool NEOX, bool WIDE>
+ROPEKV_HD void load_unit(const RopeKVParams& p, const Unit& unit, int64_t t,
+                         UnitData<T, NEOX, chunk_elems<T, NEOX, WIDE>()>& d) {
+  constexpr int W = chunk_elems<T, NEOX, WIDE>();
+  constexpr int kPairs = UnitData<T, NEOX, W>::kPairs;
+  const bool rot = unit.kind == Unit::kQRot || unit.kind == Unit::kKRot;
+  const bool needs_slot = unit.kind != Unit::kQRot && p.write_cache;
+  d.slot = needs_slot ? load_index(p.loc, p.loc_i64, t) : -1;
+  if (rot) {
+    const TokenTensor& x = unit.kind == Unit::kQRot ? p.q : p.k;
+    const T* head_ptr = static_cast<const T*>(x.ptr) + t * x.token_stride + unit.head * x.head_stride;
+    const int64_t pos = load_index(p.positions, p.positions_i64, t);
+    d.lo = load_chunk<T, W, WIDE>(head_ptr + unit.j * W);
+    if constexpr (NEOX) d.hi = load_chunk<T, W, WIDE>(head_ptr + unit.j * W + p.rot_dim / 2);
+    d.rotate = pos >= 0 && pos < p.max_pos;
+    if (d.rotate) {
+      const int64_t row = pos * p.rot_dim;
+      const int first = NEOX ? unit.j * W : unit.j * W / 2;
+      load_cos_sin_run<kPairs>(p, row + first, d.c);
+      load_cos_sin_run<kPairs>(p, row + p.rot_dim / 2 + first, d.s);
+    }
+  } else {
+    const TokenTensor& x = unit.kind == Unit::kKTail ? p.k : p.v;
+    d.lo = load_chunk<T, W, WIDE>(static_cast<const T*>(x.ptr) + t * x.token_stride +
+                                  unit.head * x.head_stride + unit.j);
+    d.rotate = false;
+  }
+}
+
+// Positions outside [0, max_pos) are not rotated (and nothing outside the
+// cos/sin cache was read); slots outside [0, num_slots) are not written.
 template <class T, class C, bool NEOX, bool WIDE>
-ROPEKV_HD void run_unit(const RopeKVParams& p, const Unit& unit, int64_t t) {
+ROPEKV_HD void finish_unit(const RopeKVParams& p, const Unit& unit, int64_t t,
+                           UnitData<T, NEOX, chunk_elems<T, NEOX, WIDE>()>& d) {
+  using E = Elem<T>;
   constexpr int W = chunk_elems<T, NEOX, WIDE>();
   if (unit.kind == Unit::kQRot || unit.kind == Unit::kKRot) {
-    const bool is_q = unit.kind == Unit::kQRot;
-    const TokenTensor& x = is_q ? p.q : p.k;
-    T* head_ptr = static_cast<T*>(x.ptr) + t * x.token_stride + unit.head * x.head_stride;
-    const int64_t pos = load_index(p.positions, p.positions_i64, t);
-    Chunk<T, W> lo, hi;
-    if (pos >= 0 && pos < p.max_pos) {
-      rotate_chunk<T, NEOX, W, WIDE>(p, head_ptr, unit.j, pos, lo, hi);
-    } else {
-      lo = load_chunk<T, W, WIDE>(head_ptr + unit.j * W);
-      if constexpr (NEOX) hi = load_chunk<T, W, WIDE>(head_ptr + unit.j * W + p.rot_dim / 2);
+    if (d.rotate) {
+      const TokenTensor& x = unit.kind == Unit::kQRot ? p.q : p.k;
+      T* head_ptr = static_cast<T*>(x.ptr) + t * x.token_stride + unit.head * x.head_stride;
+#pragma unroll
+      for (int e = 0; e < UnitData<T, NEOX, W>::kPairs; ++e) {
+        T& a = NEOX ? d.lo.e[e] : d.lo.e[2 * e];
+        T& b = NEOX ? d.hi.e[e] : d.lo.e[2 * e + 1];
+        float ra, rb;
+        rotate_pair(E::load(a), E::load(b), d.c[e], d.s[e], ra, rb);
+        a = E::store(ra);
+        b = E::store(rb);
+      }
+      store_chunk<T, W, WIDE>(head_ptr + unit.j * W, d.lo);
+      if constexpr (NEOX) store_chunk<T, W, WIDE>(head_ptr + unit.j * W + p.rot_dim / 2, d.hi);
     }
-    if (!is_q && p.write_cache) {
-      const int64_t slot = load_index(p.loc, p.loc_i64, t);
-      if (slot >= 0 && slot < p.k_cache.num_slots) {
-        write_cache_chunk<T, C, W, WIDE>(p.k_cache, p.k_scale, slot, unit.head, unit.j * W, lo);
-        if constexpr (NEOX) {
-          write_cache_chunk<T, C, W, WIDE>(p.k_cache, p.k_scale, slot, unit.head,
-                                           unit.j * W + p.rot_dim / 2, hi);
-        }
+    if (unit.kind == Unit::kKRot && d.slot >= 0 && d.slot < p.k_cache.num_slots) {
+      write_cache_chunk<T, C, W, WIDE>(p.k_cache, p.k_scale, d.slot, unit.head, unit.j * W, d.lo);
+      if constexpr (NEOX) {
+        write_cache_chunk<T, C, W, WIDE>(p.k_cache, p.k_scale, d.slot, unit.head,
+                                         unit.j * W + p.rot_dim / 2, d.hi);
       }
     }
     return;
   }
   const bool is_k = unit.kind == Unit::kKTail;
   const CacheTensor& cache = is_k ? p.k_cache : p.v_cache;
-  const int64_t slot = load_index(p.loc, p.loc_i64, t);
-  if (slot < 0 || slot >= cache.num_slots) return;
-  const TokenTensor& x = is_k ? p.k : p.v;
-  const T* src = static_cast<const T*>(x.ptr) + t * x.token_stride + unit.head * x.head_stride + unit.j;
-  write_cache_chunk<T, C, W, WIDE>(cache, is_k ? p.k_scale : p.v_scale, slot, unit.head, unit.j,
-                                   load_chunk<T, W, WIDE>(src));
+  if (d.slot < 0 || d.slot >= cache.num_slots) return;
+  write_cache_chunk<T, C, W, WIDE>(cache, is_k ? p.k_scale : p.v_scale, d.slot, unit.head, unit.j, d.lo);
+}
+
+template <class T, class C, bool NEOX, bool WIDE>
+ROPEKV_HD void run_unit(const RopeKVParams& p, const Unit& unit, int64_t t) {
+  UnitData<T, NEOX, chunk_elems<T, NEOX, WIDE>()> d;
+  load_unit<T, NEOX, WIDE>(p, unit, t, d);
+  finish_unit<T, C, NEOX, WIDE>(p, unit, t, d);
 }
 
 }  // namespace ropekv
