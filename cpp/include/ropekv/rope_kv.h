@@ -251,9 +251,8 @@ ROPEKV_HD Unit decode_unit(const RopeKVParams& p, const UnitLayout& L, int u, in
 
 // A unit's work is split in two so that a thread can issue the loads of
 // several tokens before it waits on any of them (memory-level parallelism):
-// load_unit reads everything (index first, then the data it selects),
-// finish_unit computes and writes. The rotation and the cache conversion both
-// happen in finish_unit, from the values load_unit returned.
+// load_unit reads the indices and the input chunk, finish_unit reads cos/sin,
+// computes and writes.
 //
 // NeoX rotation chunk j: elements [jW, jW+W) paired with the W elements R/2
 // further on. Interleaved: elements [jW, jW+W), W/2 adjacent pairs.
@@ -261,7 +260,7 @@ template <class T, bool NEOX, int W>
 struct UnitData {
   static constexpr int kPairs = NEOX ? W : W / 2;
   Chunk<T, W> lo, hi;  // hi: NeoX partners only
-  float c[kPairs], s[kPairs];
+  int64_t pos;
   int64_t slot;
   bool rotate;
 };
@@ -270,23 +269,16 @@ template <class T, bool NEOX, bool WIDE>
 ROPEKV_HD void load_unit(const RopeKVParams& p, const Unit& unit, int64_t t,
                          UnitData<T, NEOX, chunk_elems<T, NEOX, WIDE>()>& d) {
   constexpr int W = chunk_elems<T, NEOX, WIDE>();
-  constexpr int kPairs = UnitData<T, NEOX, W>::kPairs;
   const bool rot = unit.kind == Unit::kQRot || unit.kind == Unit::kKRot;
   const bool needs_slot = unit.kind != Unit::kQRot && p.write_cache;
   d.slot = needs_slot ? load_index(p.loc, p.loc_i64, t) : -1;
   if (rot) {
     const TokenTensor& x = unit.kind == Unit::kQRot ? p.q : p.k;
     const T* head_ptr = static_cast<const T*>(x.ptr) + t * x.token_stride + unit.head * x.head_stride;
-    const int64_t pos = load_index(p.positions, p.positions_i64, t);
+    d.pos = load_index(p.positions, p.positions_i64, t);
     d.lo = load_chunk<T, W, WIDE>(head_ptr + unit.j * W);
     if constexpr (NEOX) d.hi = load_chunk<T, W, WIDE>(head_ptr + unit.j * W + p.rot_dim / 2);
-    d.rotate = pos >= 0 && pos < p.max_pos;
-    if (d.rotate) {
-      const int64_t row = pos * p.rot_dim;
-      const int first = NEOX ? unit.j * W : unit.j * W / 2;
-      load_cos_sin_run<kPairs>(p, row + first, d.c);
-      load_cos_sin_run<kPairs>(p, row + p.rot_dim / 2 + first, d.s);
-    }
+    d.rotate = d.pos >= 0 && d.pos < p.max_pos;
   } else {
     const TokenTensor& x = unit.kind == Unit::kKTail ? p.k : p.v;
     d.lo = load_chunk<T, W, WIDE>(static_cast<const T*>(x.ptr) + t * x.token_stride +
@@ -295,26 +287,43 @@ ROPEKV_HD void load_unit(const RopeKVParams& p, const Unit& unit, int64_t t,
   }
 }
 
+// Rotates the chunk in registers. The cos/sin values are read here, four
+// pairs at a time, to keep few registers live.
+template <class T, bool NEOX, int W>
+ROPEKV_HD void rotate_unit(const RopeKVParams& p, const Unit& unit, UnitData<T, NEOX, W>& d) {
+  using E = Elem<T>;
+  constexpr int kPairs = UnitData<T, NEOX, W>::kPairs;
+  constexpr int kRun = kPairs >= 4 ? 4 : kPairs;
+  const int64_t row = d.pos * p.rot_dim + (NEOX ? unit.j * W : unit.j * W / 2);
+#pragma unroll
+  for (int r0 = 0; r0 < kPairs; r0 += kRun) {
+    float c[kRun], s[kRun];
+    load_cos_sin_run<kRun>(p, row + r0, c);
+    load_cos_sin_run<kRun>(p, row + p.rot_dim / 2 + r0, s);
+#pragma unroll
+    for (int e = 0; e < kRun; ++e) {
+      const int i = r0 + e;
+      T& a = NEOX ? d.lo.e[i] : d.lo.e[2 * i];
+      T& b = NEOX ? d.hi.e[i] : d.lo.e[2 * i + 1];
+      float ra, rb;
+      rotate_pair(E::load(a), E::load(b), c[e], s[e], ra, rb);
+      a = E::store(ra);
+      b = E::store(rb);
+    }
+  }
+}
+
 // Positions outside [0, max_pos) are not rotated (and nothing outside the
-// cos/sin cache was read); slots outside [0, num_slots) are not written.
+// cos/sin cache is read); slots outside [0, num_slots) are not written.
 template <class T, class C, bool NEOX, bool WIDE>
 ROPEKV_HD void finish_unit(const RopeKVParams& p, const Unit& unit, int64_t t,
                            UnitData<T, NEOX, chunk_elems<T, NEOX, WIDE>()>& d) {
-  using E = Elem<T>;
   constexpr int W = chunk_elems<T, NEOX, WIDE>();
   if (unit.kind == Unit::kQRot || unit.kind == Unit::kKRot) {
     if (d.rotate) {
+      rotate_unit<T, NEOX, W>(p, unit, d);
       const TokenTensor& x = unit.kind == Unit::kQRot ? p.q : p.k;
       T* head_ptr = static_cast<T*>(x.ptr) + t * x.token_stride + unit.head * x.head_stride;
-#pragma unroll
-      for (int e = 0; e < UnitData<T, NEOX, W>::kPairs; ++e) {
-        T& a = NEOX ? d.lo.e[e] : d.lo.e[2 * e];
-        T& b = NEOX ? d.hi.e[e] : d.lo.e[2 * e + 1];
-        float ra, rb;
-        rotate_pair(E::load(a), E::load(b), d.c[e], d.s[e], ra, rb);
-        a = E::store(ra);
-        b = E::store(rb);
-      }
       store_chunk<T, W, WIDE>(head_ptr + unit.j * W, d.lo);
       if constexpr (NEOX) store_chunk<T, W, WIDE>(head_ptr + unit.j * W + p.rot_dim / 2, d.hi);
     }
