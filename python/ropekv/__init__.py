@@ -8,6 +8,11 @@ Public API:
   launch (:class:`FusedSetKVBufferArg`); drop-in for sgl-kernel's function.
 - :func:`rope_and_store` is the same operation with keyword arguments.
 - :func:`info` reports the version and the backends this build has.
+
+Each call is validated here, in Python, then runs as a torch custom op
+(``torch.ops.ropekv.store_kv`` / ``torch.ops.ropekv.rope``), so the functions work
+the same in eager mode, under ``torch.compile`` and in CUDA graphs.
+:mod:`ropekv.compat` holds drop-in replacements for sgl-kernel's and vLLM's functions.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from . import _backend, _native
+from . import _backend, _native, _ops
 from . import _validate as V
 from ._version import __version__
 
@@ -36,9 +41,7 @@ __all__ = [
 def _execute(plan: V.Plan) -> None:
     if plan.check:
         V.check_indices(plan)
-    if plan.num_tokens == 0:
-        return
-    _backend.backend_for(plan.k.device)(plan)
+    _ops.run(plan)
 
 
 def store_kv(
@@ -171,8 +174,19 @@ def rope_and_store(
     """RoPE on ``q`` and ``k`` in place and, when ``v`` is given, the KV write of :func:`store_kv`.
 
     Same operation as :func:`apply_rope_with_cos_sin_cache_inplace` with the argument names
-    of :func:`store_kv`. ``head_size`` defaults to the last dimension of a 3-D ``k``.
-    ``v``, ``k_cache``, ``v_cache`` and ``loc`` go together: all or none.
+    of :func:`store_kv`.
+
+    Args:
+        positions: ``[T]`` int32 / int64 position of each token.
+        q: ``[T, Hq*D]`` or ``[T, Hq, D]``, float16 / bfloat16 / float32. **Mutated.**
+        k: ``[T, Hk*D]`` or ``[T, Hk, D]``, q's dtype. **Mutated.**
+        cos_sin_cache: ``[max_pos, R]`` (R even, R <= D), cos then sin; float32 (or float16 / bfloat16).
+        head_size: D; defaults to the last dimension of a 3-D ``k``.
+        is_neox: NeoX pairs (x[i], x[i+R/2]) if True, GPT-J pairs (x[2i], x[2i+1]) if False.
+        v, k_cache, v_cache, loc, k_scale, v_scale: the cache write, as in :func:`store_kv`
+            (``k_cache`` and ``v_cache`` **mutated**; receives the rotated k). All four tensors
+            or none.
+        check, enable_pdl: as in :func:`store_kv` (check also covers the positions).
     """
     if head_size is None:
         if not isinstance(k, torch.Tensor) or k.dim() != 3:

@@ -37,13 +37,17 @@ def _rotate(x: torch.Tensor, plan: Plan, cos: torch.Tensor, sin: torch.Tensor, o
 
 
 def _rope(plan: Plan) -> None:
+    assert plan.positions is not None and plan.cos_sin is not None  # set with rot_dim
     pos = plan.positions.long()
     max_pos, r = plan.cos_sin.shape
+    if max_pos == 0:  # no position is in range: nothing is rotated
+        return
     ok = (pos >= 0) & (pos < max_pos)
     rows = plan.cos_sin[torch.where(ok, pos, torch.zeros_like(pos))].float()
     cos = rows[:, None, : r // 2]
     sin = rows[:, None, r // 2 :]
-    _rotate(plan.q, plan, cos, sin, ok)
+    if plan.q is not None:  # None: only the key is rotated
+        _rotate(plan.q, plan, cos, sin, ok)
     _rotate(plan.k, plan, cos, sin, ok)
 
 
@@ -60,6 +64,9 @@ def _convert(x: torch.Tensor, cache_dtype: torch.dtype, scale, scale_value: floa
 
 
 def _store(plan: Plan) -> None:
+    # Set whenever the plan writes the cache.
+    assert plan.k_cache is not None and plan.v_cache is not None and plan.v is not None
+    assert plan.loc is not None and plan.cache_dtype is not None
     cache = plan.k_cache
     slots = cache.shape[0] * cache.shape[1]
     loc = plan.loc.long()

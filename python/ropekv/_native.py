@@ -12,11 +12,11 @@ import torch
 from ._validate import Plan
 
 try:
-    from . import _C  # type: ignore[attr-defined]
+    from . import _C
 
     IMPORT_ERROR = None
 except ImportError as e:  # the fallback takes over; _backend says why, once
-    _C = None
+    _C = None  # type: ignore[assignment]  # (_C.pyi describes the module when it is there)
     IMPORT_ERROR = e
 
 # Must match ropekv::DType in cpp/include/ropekv/numeric.h.

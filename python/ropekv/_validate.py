@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -21,6 +21,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 INDEX_DTYPES = (torch.int32, torch.int64)
 _FLOAT_NAMES = "float16, bfloat16 or float32"
+# Positive doubles that round to 0 resp. to inf as float32 (round to nearest even).
+_FP32_ZERO_BELOW = 2.0**-150
+_FP32_INF_FROM = 2.0**128 - 2.0**103
 
 
 @dataclasses.dataclass
@@ -46,6 +49,10 @@ class Plan:
     enable_pdl: bool = False  # CUDA: programmatic dependent launch
     loc_name: str = "loc"  # the caller's names, for check-mode messages
     positions_name: str = "positions"
+    # The caller's tensors behind the views q, k, v, k_cache, v_cache: what the
+    # torch ops (_ops.py) take, since torch.library wants a mutating op to
+    # receive the very tensors it mutates; the op re-derives the views (views()).
+    given: Dict[str, Optional[torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +74,9 @@ def _shape(t: torch.Tensor) -> str:
 def _require_tensor(name: str, t) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+        raise TypeError(f"{name} must be a dense (torch.strided) tensor, got {kind}")
     return t
 
 
@@ -78,7 +88,7 @@ def float_input(name: str, t) -> torch.Tensor:
 
 
 def _last_dim_contiguous(name: str, t: torch.Tensor) -> None:
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(
             f"{name} must have a contiguous last dimension, got shape {_shape(t)} strides {tuple(t.stride())}"
         )
@@ -91,6 +101,8 @@ def token_heads(name: str, t: torch.Tensor, heads: int, dim: int, source: str = 
     """
     _last_dim_contiguous(name, t)
     why = f" to match {source}" if source else ""
+    if dim <= 0 and t.dim() in (2, 3):  # (as_heads cannot view [T, 0] as [T, H, 0])
+        raise ValueError(f"{name} has shape {_shape(t)}: its head dim must be positive, got {dim}{why}")
     if t.dim() == 3:
         if tuple(t.shape[1:]) != (heads, dim):
             raise ValueError(f"{name} has shape {_shape(t)}, expected [T, {heads}, {dim}]{why}")
@@ -100,8 +112,13 @@ def token_heads(name: str, t: torch.Tensor, heads: int, dim: int, source: str = 
             raise ValueError(
                 f"{name} has shape {_shape(t)}, expected [T, {heads * dim}] ({heads} heads of {dim}){why}"
             )
-        return t.unflatten(1, (heads, dim))
+        return as_heads(t, dim)
     raise ValueError(f"{name} must be 2-D [T, H*D] or 3-D [T, H, D], got shape {_shape(t)}")
+
+
+def as_heads(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The [T, H, D] view of a checked [T, H*D] or [T, H, D] input (D = dim)."""
+    return t if t.dim() == 3 else t.unflatten(1, (-1, dim))
 
 
 def cache_pages(name: str, c: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
@@ -110,19 +127,27 @@ def cache_pages(name: str, c: torch.Tensor, heads: int, dim: int) -> torch.Tenso
     if c.dim() == 2:
         if c.shape[1] != heads * dim:
             raise ValueError(f"{name} has shape {_shape(c)}, expected [S, {heads * dim}] ({heads} heads of {dim})")
-        return c.unflatten(1, (heads, dim)).unsqueeze(1)
-    if c.dim() == 3:
+    elif c.dim() == 3:
         if tuple(c.shape[1:]) != (heads, dim):
             raise ValueError(f"{name} has shape {_shape(c)}, expected [S, {heads}, {dim}]")
-        return c.unsqueeze(1)
-    if c.dim() == 4:
+    elif c.dim() == 4:
         if tuple(c.shape[2:]) != (heads, dim):
             raise ValueError(f"{name} has shape {_shape(c)}, expected [pages, page_size, {heads}, {dim}]")
-        # Pages laid end to end are one run of slots: saves the kernel a division.
-        if c.shape[1] > 1 and c.stride(0) == c.shape[1] * c.stride(1):
-            return c.flatten(0, 1).unsqueeze(1)
-        return c
-    raise ValueError(f"{name} must be 2-D, 3-D or 4-D (paged), got shape {_shape(c)}")
+    else:
+        raise ValueError(f"{name} must be 2-D, 3-D or 4-D (paged), got shape {_shape(c)}")
+    return as_pages(c, dim)
+
+
+def as_pages(c: torch.Tensor, dim: int) -> torch.Tensor:
+    """The [pages, page_size, H, D] view of a checked 2-D, 3-D or 4-D cache (D = dim)."""
+    if c.dim() == 2:
+        return c.unflatten(1, (-1, dim)).unsqueeze(1)
+    if c.dim() == 3:
+        return c.unsqueeze(1)
+    # Pages laid end to end are one run of slots: saves the kernel a division.
+    if c.shape[1] > 1 and c.stride(0) == c.shape[1] * c.stride(1):
+        return c.flatten(0, 1).unsqueeze(1)
+    return c
 
 
 def infer_heads(name: str, t: torch.Tensor, cache_name: str, cache: torch.Tensor, scale) -> Tuple[int, int, str]:
@@ -162,6 +187,7 @@ def scale_arg(name: str, s, heads: int, device: torch.device) -> Tuple[Optional[
     if isinstance(s, bool) or not isinstance(s, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{name} must be None, a float or a float32 tensor, got {type(s).__name__}")
     if isinstance(s, torch.Tensor):
+        _require_tensor(name, s)
         if s.dtype != torch.float32:
             raise TypeError(f"{name} must be a float32 tensor, got {s.dtype}")
         if s.numel() not in (1, heads) or s.dim() > 1:
@@ -171,10 +197,25 @@ def scale_arg(name: str, s, heads: int, device: torch.device) -> Tuple[Optional[
         if s.numel() > 1 and not s.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
         return s.reshape(-1), 1.0
-    value = float(s)
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return None, value
+    # The kernels divide by the value as fp32: it must be positive and finite there too,
+    # i.e. round to neither 0 nor inf. Bounds, not a struct round trip: torch.compile
+    # traces this function, and its struct support breaks on it.
+    # Compared before float(): Python compares an int too large for a float exactly,
+    # where float() would raise OverflowError.
+    number: Any = s  # a numbers.Real, whose comparisons typeshed leaves untyped
+    if not _FP32_ZERO_BELOW < number < _FP32_INF_FROM:
+        raise ValueError(f"{name} must be a positive number, finite and nonzero as float32, got {repr(s)[:40]}")
+    return None, float(s)
+
+
+def _no_shared_elements(name: str, t: torch.Tensor) -> None:
+    """A tensor written in place must not be an expanded view (a stride of 0 over a
+    dimension of several elements): its elements would share memory."""
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+        raise ValueError(
+            f"{name} is written in place but several of its elements share memory (shape {_shape(t)}, "
+            f"strides {tuple(t.stride())})"
+        )
 
 
 def _same_device(device: torch.device, **tensors) -> None:
@@ -213,6 +254,8 @@ def cache_write(plan: Plan, v, k_cache, v_cache, loc, k_scale, v_scale, names) -
     hk, dk = int(k.shape[1]), int(k.shape[2])
     kc = cache_pages(names["k_cache"], k_cache, hk, dk)
     vc = cache_pages(names["v_cache"], v_cache, hv, dv)
+    _no_shared_elements(names["k_cache"], k_cache)
+    _no_shared_elements(names["v_cache"], v_cache)
     if kc.shape[0] * kc.shape[1] != vc.shape[0] * vc.shape[1]:
         raise ValueError(
             f"{names['k_cache']} ({_shape(k_cache)}) and {names['v_cache']} ({_shape(v_cache)}) hold different numbers of slots"
@@ -220,6 +263,7 @@ def cache_write(plan: Plan, v, k_cache, v_cache, loc, k_scale, v_scale, names) -
     plan.loc = index_tensor(names["loc"], loc, k.shape[0], device)
     plan.loc_name = names["loc"]
     plan.v, plan.k_cache, plan.v_cache, plan.cache_dtype = v3, kc, vc, k_cache.dtype
+    plan.given.update(v=v, k_cache=k_cache, v_cache=v_cache)
     plan.k_scale, plan.k_scale_value = scale_arg(names["k_scale"], k_scale, hk, device)
     plan.v_scale, plan.v_scale_value = scale_arg(names["v_scale"], v_scale, hv, device)
 
@@ -227,18 +271,23 @@ def cache_write(plan: Plan, v, k_cache, v_cache, loc, k_scale, v_scale, names) -
 STORE_NAMES = dict(k="k", v="v", k_cache="k_cache", v_cache="v_cache", loc="loc", k_scale="k_scale", v_scale="v_scale")
 
 
-def plan_store_kv(k, v, k_cache, v_cache, loc, k_scale, v_scale, check) -> Plan:
-    float_input("k", k)
-    _require_tensor("k_cache", k_cache)
-    hk, dk, source = infer_heads("k", k, "k_cache", k_cache, k_scale)
-    plan = Plan(k=token_heads("k", k, hk, dk, source), check=check_mode(check))
-    cache_write(plan, v, k_cache, v_cache, loc, k_scale, v_scale, STORE_NAMES)
+def plan_store_kv(k, v, k_cache, v_cache, loc, k_scale, v_scale, check, names=STORE_NAMES) -> Plan:
+    float_input(names["k"], k)
+    _require_tensor(names["k_cache"], k_cache)
+    hk, dk, source = infer_heads(names["k"], k, names["k_cache"], k_cache, k_scale)
+    plan = Plan(k=token_heads(names["k"], k, hk, dk, source), check=check_mode(check), given=dict(k=k))
+    cache_write(plan, v, k_cache, v_cache, loc, k_scale, v_scale, names)
     return plan
 
 
 def plan_rope(positions, query, key, head_size, cos_sin_cache, is_neox, check, names) -> Plan:
-    """A plan for RoPE alone; the caller may add a cache write with cache_write()."""
-    float_input(names["q"], query)
+    """A plan for RoPE alone; the caller may add a cache write with cache_write().
+
+    query may be None: only key is rotated (vLLM's rotary_embedding without a
+    key passes its query here as the key; the kernels always rotate k).
+    """
+    if query is not None:
+        float_input(names["q"], query)
     float_input(names["k"], key)
     _require_tensor(names["cos_sin_cache"], cos_sin_cache)
     if isinstance(head_size, bool) or not isinstance(head_size, numbers.Integral):
@@ -246,15 +295,21 @@ def plan_rope(positions, query, key, head_size, cos_sin_cache, is_neox, check, n
     head_size = int(head_size)
     if head_size <= 0 or head_size % 2:
         raise ValueError(f"head_size must be a positive even number, got {head_size}")
-    if query.dtype != key.dtype:
+    if query is not None and query.dtype != key.dtype:
         raise TypeError(f"{names['q']} is {query.dtype} but {names['k']} is {key.dtype}; they must match")
     if cos_sin_cache.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{names['cos_sin_cache']} must be {_FLOAT_NAMES}, got {cos_sin_cache.dtype}")
     device = key.device
-    _same_device(device, **{names["q"]: query, names["cos_sin_cache"]: cos_sin_cache})
-    q3 = token_heads(names["q"], query, _heads(names["q"], query, head_size), head_size)
+    _same_device(device, **{names["cos_sin_cache"]: cos_sin_cache})
+    q3 = None
+    if query is not None:
+        _same_device(device, **{names["q"]: query})
+        q3 = token_heads(names["q"], query, _heads(names["q"], query, head_size), head_size)
     k3 = token_heads(names["k"], key, _heads(names["k"], key, head_size), head_size)
-    if q3.shape[0] != k3.shape[0]:
+    _no_shared_elements(names["k"], key)
+    if query is not None:
+        _no_shared_elements(names["q"], query)
+    if q3 is not None and q3.shape[0] != k3.shape[0]:
         raise ValueError(f"{names['q']} has {q3.shape[0]} tokens ({_shape(query)}), {names['k']} has {k3.shape[0]} ({_shape(key)})")
     if cos_sin_cache.dim() != 2:
         raise ValueError(f"{names['cos_sin_cache']} must be 2-D [max_pos, rotary_dim], got shape {_shape(cos_sin_cache)}")
@@ -271,26 +326,65 @@ def plan_rope(positions, query, key, head_size, cos_sin_cache, is_neox, check, n
         raise TypeError(f"is_neox must be a bool, got {type(is_neox).__name__}")
     pos = index_tensor(names["positions"], positions, k3.shape[0], device)
     return Plan(k=k3, q=q3, positions=pos, cos_sin=cos_sin_cache, rot_dim=rot_dim, neox=bool(is_neox),
-                check=check_mode(check), positions_name=names["positions"])
+                check=check_mode(check), positions_name=names["positions"], given=dict(q=query, k=key))
 
 
 def _heads(name: str, t: torch.Tensor, head_size: int) -> int:
+    if t.dim() not in (2, 3):
+        raise ValueError(f"{name} must be 2-D [T, H*D] or 3-D [T, H, D], got shape {_shape(t)}")
     width = t.shape[-1] * (t.shape[-2] if t.dim() == 3 else 1)
     if t.dim() == 3 and t.shape[-1] != head_size:
         raise ValueError(f"{name} has shape {_shape(t)}, its last dimension must equal head_size = {head_size}")
-    if t.dim() not in (2, 3):
-        raise ValueError(f"{name} must be 2-D [T, H*D] or 3-D [T, H, D], got shape {_shape(t)}")
     if width % head_size:
         raise ValueError(f"{name} has shape {_shape(t)}: its width {width} is not a multiple of head_size = {head_size}")
     return width // head_size
 
 
+def views(
+    k: torch.Tensor,
+    head_size: int,
+    *,
+    q: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
+    cos_sin: Optional[torch.Tensor] = None,
+    neox: bool = True,
+    v: Optional[torch.Tensor] = None,
+    v_head_size: int = 0,
+    k_cache: Optional[torch.Tensor] = None,
+    v_cache: Optional[torch.Tensor] = None,
+    loc: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    k_scale_value: float = 1.0,
+    v_scale: Optional[torch.Tensor] = None,
+    v_scale_value: float = 1.0,
+    enable_pdl: bool = False,
+) -> Plan:
+    """The Plan of a call already checked by plan_store_kv / plan_rope, rebuilt
+    from the caller's tensors (views only, no checks): what the torch ops run.
+
+    RoPE is part of the call when cos_sin is given, the cache write when v is.
+    """
+    plan = Plan(k=as_heads(k, head_size), neox=bool(neox), enable_pdl=bool(enable_pdl))
+    if cos_sin is not None:
+        plan.q = None if q is None else as_heads(q, head_size)
+        plan.positions, plan.cos_sin, plan.rot_dim = positions, cos_sin, int(cos_sin.shape[1])
+    if v is not None:
+        if k_cache is None or v_cache is None or loc is None:
+            raise ValueError("the cache write needs v, k_cache, v_cache and loc together")
+        plan.v = as_heads(v, v_head_size)
+        plan.k_cache, plan.v_cache = as_pages(k_cache, head_size), as_pages(v_cache, v_head_size)
+        plan.cache_dtype, plan.loc = k_cache.dtype, loc
+        plan.k_scale, plan.k_scale_value = k_scale, k_scale_value
+        plan.v_scale, plan.v_scale_value = v_scale, v_scale_value
+    return plan
+
+
 def check_indices(plan: Plan) -> None:
     """The opt-in range check (check=True / ROPEKV_CHECK=1); synchronizes."""
-    if plan.loc is not None:
+    if plan.loc is not None and plan.k_cache is not None:
         slots = plan.k_cache.shape[0] * plan.k_cache.shape[1]
         _first_bad(plan.loc_name, plan.loc, plan.loc >= slots, f"out of range for a cache of {slots} slots")
-    if plan.positions is not None:
+    if plan.positions is not None and plan.cos_sin is not None:
         max_pos = plan.cos_sin.shape[0]
         bad = (plan.positions < 0) | (plan.positions >= max_pos)
         _first_bad(plan.positions_name, plan.positions, bad, f"outside the cos/sin cache of {max_pos} positions")

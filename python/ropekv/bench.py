@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -195,6 +195,7 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale: Optional[torch.Te
     """SPEC §2's convert: a copy for the same dtype; fp8 = saturate(fp32(x) / scale), RNE."""
     if dtype == x.dtype:
         return x
+    assert scale is not None, "an fp8 conversion needs its scale"
     m = torch.finfo(dtype).max
     # Dividing by a tensor keeps it a true division (torch may use a reciprocal for a Python float).
     return (x.float() / scale).clamp(-m, m).to(dtype)
@@ -413,6 +414,7 @@ def measure_copy(device: torch.device, mode: str) -> dict:
         times = time_cuda(fn, [None], REPLAYS[mode]) if device.type == "cuda" else time_cpu(fn, [None], mode)
         if best is None or statistics.median(times) < statistics.median(best):
             best = times
+    assert best is not None
     times = best
     us = statistics.median(times)
     del src, dst
@@ -488,7 +490,8 @@ class Progress:
     """One updating line on stderr when it is a terminal; otherwise one line per case."""
 
     def __init__(self, total: int) -> None:
-        self.total, self.done, self.last = total, 0, None
+        self.total, self.done = total, 0
+        self.last: Optional[str] = None
         self.tty = sys.stderr.isatty()
         self.t0 = time.perf_counter()
 
@@ -604,7 +607,7 @@ def run_case(case: Case, device: torch.device, mode: str, cos_sin, scale, copy_g
     variants = make_variants(case.d, cos_sin)
     progress.update(case, "checking")
     checks = check_variants(sets[0], variants)
-    row = {"shape": case.shape, "hq": case.hq, "hk": case.hk, "hv": case.hv, "head_dim": case.d,
+    row: Dict[str, Any] = {"shape": case.shape, "hq": case.hq, "hk": case.hk, "hv": case.hv, "head_dim": case.d,
            "input": "bf16", "cache": case.cache_name, "tokens": case.tokens, "slots": case.slots,
            "buffer_sets": n_sets, "variants": {}}
     for name in VARIANTS:
