@@ -18,7 +18,7 @@ void rope_kv_cpu(const RopeKVParams& p, DType input, DType cache) {
     const UnitLayout L = make_layout<T, NEOX, WIDE>(p);
     // Decoded once per call, as each GPU thread decodes its unit once.
     std::vector<Unit> units(L.total);
-    for (int u = 0; u < L.total; ++u) units[u] = decode_unit(p, L, u, W);
+    for (int u = 0; u < L.total; ++u) units[u] = decode_unit<T, C>(p, L, u, W);
     const int64_t num_tokens = p.num_tokens;
     // Threads only pay off once there is real work to split.
 #pragma omp parallel for schedule(static) if (num_tokens * L.total > (1 << 12))

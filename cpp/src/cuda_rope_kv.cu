@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM) rope_kv_
   const int64_t first = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t stride = int64_t(gridDim.x) * blockDim.y;
   for (int u = threadIdx.x; u < L.total; u += blockDim.x) {
-    const Unit unit = decode_unit(p, L, u, W);
+    const Unit unit = decode_unit<T, C>(p, L, u, W);
     int64_t t = first;
     for (; t + (U - 1) * stride < p.num_tokens; t += U * stride) {
       UnitData<T, NEOX, W> d[U];

@@ -65,10 +65,14 @@ FP8_SCALE = 0.75
 CALLS_PER_GRAPH = 50
 REPLAYS = {"quick": 15, "full": 40}
 WARMUP_REPLAYS = 3
-# Rotate among enough buffer sets that the data touched by the 50 calls of one replay is
-# ROTATE_FACTOR x L2: each call then finds its inputs and cache lines out of L2, as in a
-# real model where the other layers' work runs in between.
+# A call whose data is larger than L2 cannot find it there in a model either: such cases rotate
+# among enough buffer sets that the data touched by the 50 calls of one replay is
+# ROTATE_FACTOR x L2, so the timing is of HBM, not of L2. A call whose data fits in L2 finds it
+# there in an engine too (q, k, v were just written by the QKV projection; positions, loc and
+# the cos/sin rows are shared by every layer), so those cases reuse one set, unless --cold-l2
+# asks for rotation at every size.
 ROTATE_FACTOR = 4
+COLD_L2 = False
 SET_MEMORY_FRACTION = 0.4  # of free GPU memory, for the rotated sets; the rest for graphs/checks
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
 
@@ -595,6 +599,8 @@ def _free(device: torch.device) -> None:
 def _n_sets(case: Case) -> int:
     """How many buffer sets the 50 captured calls rotate among (see ROTATE_FACTOR)."""
     l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or (50 << 20)
+    if footprint(case) <= l2 and not COLD_L2:
+        return 1
     wanted = math.ceil(ROTATE_FACTOR * l2 / footprint(case))
     fits = int(torch.cuda.mem_get_info()[0] * SET_MEMORY_FRACTION) // allocation(case)
     return max(1, min(CALLS_PER_GRAPH, wanted, fits))
@@ -646,12 +652,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     ap.add_argument("--tokens", help="comma-separated token counts, overriding the mode's list")
     ap.add_argument("--pdl", action="store_true", help="launch ropekv's kernels with programmatic dependent launch")
+    ap.add_argument("--cold-l2", action="store_true",
+                    help="rotate buffers at every size, not only where a call's data exceeds L2")
     ap.add_argument("--out-dir", help="folder for the default JSON and PNG names (created)")
     ap.add_argument("--json", help="JSON output path (default: ropekv-bench.json)")
     ap.add_argument("--plot", help="PNG plot path (default: ropekv-bench.png; needs matplotlib)")
     args = ap.parse_args(argv)
-    global PDL
+    global PDL, COLD_L2
     PDL = bool(args.pdl)
+    COLD_L2 = bool(args.cold_l2)
     mode_name = args.mode or "quick"
 
     dev_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -719,8 +728,9 @@ def main(argv: list[str] | None = None) -> int:
                        if dev_type == "cuda" else
                        f"perf_counter per call after 2 warm-up calls, median of >= {CPU_MIN_REPS[mode_name]} "
                        f"calls ({CPU_BUDGET_S[mode_name]} s per variant)"),
-            "l2_rotation": (f"call i uses buffer set i % buffer_sets; enough sets that {ROTATE_FACTOR} x L2 is "
-                            f"touched per replay, capped at {CALLS_PER_GRAPH} and by memory"
+            "l2_rotation": (f"{'every case' if COLD_L2 else 'cases whose data exceeds L2'}: call i uses buffer "
+                            f"set i % buffer_sets; enough sets that {ROTATE_FACTOR} x L2 is touched per replay, "
+                            f"capped at {CALLS_PER_GRAPH} and by memory; other cases reuse one set"
                             if dev_type == "cuda" else "none (one buffer set)"),
             "bytes": "minimum traffic: inputs read once, outputs written once (see bytes_moved in bench.py)",
             "GB": 1e9,

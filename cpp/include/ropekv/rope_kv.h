@@ -206,18 +206,18 @@ ROPEKV_HD float scale_for_head(const Scale& s, int head) {
   return s.ptr ? s.ptr[head * s.head_stride] : s.value;
 }
 
-// Writes N input elements into the cache at (slot, head, d).
+// Writes N input elements into the cache at (slot, head, d); `scale` is the
+// head's fp8 scale (unused when the cache holds the input dtype).
 template <class T, class C, int N, bool WIDE>
-ROPEKV_HD void write_cache_chunk(const CacheTensor& cache, const Scale& scale, int64_t slot,
+ROPEKV_HD void write_cache_chunk(const CacheTensor& cache, float scale, int64_t slot,
                                  int head, int d, const Chunk<T, N>& x) {
   C* dst = static_cast<C*>(cache.ptr) + cache_slot_offset(cache, slot) + head * cache.head_stride + d;
   if constexpr (std::is_same_v<T, C>) {
     store_chunk<T, N, WIDE>(dst, x);
   } else {
-    const float s = scale_for_head(scale, head);
     Chunk<C, N> out;
 #pragma unroll
-    for (int i = 0; i < N; ++i) out.e[i] = convert_to_cache<T, C>(x.e[i], s);
+    for (int i = 0; i < N; ++i) out.e[i] = convert_to_cache<T, C>(x.e[i], scale);
     store_chunk<C, N, WIDE>(dst, out);
   }
 }
@@ -228,8 +228,12 @@ struct Unit {
   enum Kind : int { kQRot, kKRot, kKTail, kVCopy } kind;
   int head;
   int j;  // chunk index within the head (rotation) or first element (copies)
+  // The head's fp8 scale (fp8 caches only), read once here: read where the
+  // cache is written, it added a dependent memory round trip to every unit.
+  float scale;
 };
 
+template <class T, class C>
 ROPEKV_HD Unit decode_unit(const RopeKVParams& p, const UnitLayout& L, int u, int w) {
   Unit out;
   int per_head;
@@ -246,6 +250,10 @@ ROPEKV_HD Unit decode_unit(const RopeKVParams& p, const UnitLayout& L, int u, in
   out.j = u - out.head * per_head;
   if (out.kind == Unit::kKTail) out.j = p.rot_dim + out.j * w;
   if (out.kind == Unit::kVCopy) out.j = out.j * w;
+  out.scale = 1.0f;
+  if (!std::is_same_v<T, C> && p.write_cache && out.kind != Unit::kQRot) {
+    out.scale = scale_for_head(out.kind == Unit::kVCopy ? p.v_scale : p.k_scale, out.head);
+  }
   return out;
 }
 
@@ -328,9 +336,9 @@ ROPEKV_HD void finish_unit(const RopeKVParams& p, const Unit& unit, int64_t t,
       if constexpr (NEOX) store_chunk<T, W, WIDE>(head_ptr + unit.j * W + p.rot_dim / 2, d.hi);
     }
     if (unit.kind == Unit::kKRot && d.slot >= 0 && d.slot < p.k_cache.num_slots) {
-      write_cache_chunk<T, C, W, WIDE>(p.k_cache, p.k_scale, d.slot, unit.head, unit.j * W, d.lo);
+      write_cache_chunk<T, C, W, WIDE>(p.k_cache, unit.scale, d.slot, unit.head, unit.j * W, d.lo);
       if constexpr (NEOX) {
-        write_cache_chunk<T, C, W, WIDE>(p.k_cache, p.k_scale, d.slot, unit.head,
+        write_cache_chunk<T, C, W, WIDE>(p.k_cache, unit.scale, d.slot, unit.head,
                                          unit.j * W + p.rot_dim / 2, d.hi);
       }
     }
@@ -339,7 +347,7 @@ ROPEKV_HD void finish_unit(const RopeKVParams& p, const Unit& unit, int64_t t,
   const bool is_k = unit.kind == Unit::kKTail;
   const CacheTensor& cache = is_k ? p.k_cache : p.v_cache;
   if (d.slot < 0 || d.slot >= cache.num_slots) return;
-  write_cache_chunk<T, C, W, WIDE>(cache, is_k ? p.k_scale : p.v_scale, d.slot, unit.head, unit.j, d.lo);
+  write_cache_chunk<T, C, W, WIDE>(cache, unit.scale, d.slot, unit.head, unit.j, d.lo);
 }
 
 template <class T, class C, bool NEOX, bool WIDE>
