@@ -15,20 +15,18 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 constexpr int kMaxThreadsPerBlock = 512;
+// Calls with fewer tokens than SMs spread each token's units over blocks of
+// this many threads, so that the work of one token runs on several SMs.
+constexpr int kSmallCallThreadsPerBlock = 64;
+// Tokens are stacked in a block until it has at least this many threads.
 constexpr int kMinThreadsPerBlock = 128;
-constexpr int kThreadsPerSM = 2048;
-// Tokens whose loads a thread issues together. More tokens in flight cost
-// registers, and on the H100 the occupancy they cost was worth more (measured:
-// 2 tokens and 118 registers ran the Llama fused case 16% slower than 1).
-constexpr int kTokensInFlight = 1;
 // At most 64 registers, so that an SM holds at least 1024 threads.
 constexpr int kMinBlocksPerSM = 2;
 
-// Block: x covers the units of one token (each thread keeps its unit, decoded
-// once, across tokens), y stacks tokens when a token has few units. Grid:
-// blocks over tokens, at most what the GPU holds at once; each block then
-// strides over the remaining tokens, kTokensInFlight at a time.
-template <class T, class C, bool NEOX, bool WIDE>
+// One unit per thread: threadIdx.x and blockIdx.y pick the unit, planned once;
+// threadIdx.y and blockIdx.x pick the first token, and the grid, no larger
+// than what the GPU holds at once, strides over the rest.
+template <class T, class C, bool NEOX, bool WIDE, bool ROT>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM) rope_kv_kernel(const RopeKVParams p, const UnitLayout L) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Programmatic dependent launch: wait for the previous kernel's writes, and
@@ -37,21 +35,12 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM) rope_kv_
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
-  constexpr int W = chunk_elems<T, NEOX, WIDE>();
-  constexpr int U = kTokensInFlight;
-  const int64_t first = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int u = blockIdx.y * blockDim.x + threadIdx.x;
+  if (u >= L.total) return;
+  const UnitPlan<T, C> plan = plan_unit<T, C, NEOX, WIDE>(p, L, u);
   const int64_t stride = int64_t(gridDim.x) * blockDim.y;
-  for (int u = threadIdx.x; u < L.total; u += blockDim.x) {
-    const Unit unit = decode_unit<T, C>(p, L, u, W);
-    int64_t t = first;
-    for (; t + (U - 1) * stride < p.num_tokens; t += U * stride) {
-      UnitData<T, NEOX, W> d[U];
-#pragma unroll
-      for (int i = 0; i < U; ++i) load_unit<T, NEOX, WIDE>(p, unit, t + i * stride, d[i]);
-#pragma unroll
-      for (int i = 0; i < U; ++i) finish_unit<T, C, NEOX, WIDE>(p, unit, t + i * stride, d[i]);
-    }
-    for (; t < p.num_tokens; t += stride) run_unit<T, C, NEOX, WIDE>(p, unit, t);
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; t < p.num_tokens; t += stride) {
+    run_plan<T, C, NEOX, WIDE, ROT>(p, plan, t);
   }
 }
 
@@ -73,6 +62,46 @@ int sm_count(int device) {
   return n;
 }
 
+// Blocks of `threads` threads of `kernel` that one SM holds (registers are
+// usually the limit), computed once per kernel, block size and device.
+template <class Kernel>
+int blocks_per_sm(Kernel kernel, int threads, int device) {
+  static std::atomic<int> cached[kMaxDevices][kMaxThreadsPerBlock / 32 + 1] = {};
+  const int w = (threads + 31) / 32;
+  if (device < 0 || device >= kMaxDevices || w > kMaxThreadsPerBlock / 32) return 1;
+  int n = cached[device][w].load(std::memory_order_relaxed);
+  if (n == 0) {
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0), "reading the occupancy");
+    n = std::max(n, 1);
+    cached[device][w].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+struct LaunchShape {
+  dim3 grid, block;
+};
+
+// Block and grid for `units` units per token and `tokens` tokens. A block
+// holds up to `max_units_per_block` units of one token (fewer for calls with
+// fewer tokens than SMs), stacking tokens while it has fewer than
+// kMinThreadsPerBlock threads; grid.y covers a token's units, grid.x at most
+// the token blocks that the GPU holds at once (blocks_per_sm_of(threads)).
+template <class BlocksPerSM>
+LaunchShape launch_shape(int units, int64_t tokens, int sms, int max_units_per_block,
+                         int small_call_units_per_block, BlocksPerSM&& blocks_per_sm_of) {
+  const int cap = tokens < sms ? std::min(max_units_per_block, small_call_units_per_block) : max_units_per_block;
+  const int unit_blocks = (units + cap - 1) / cap;
+  const int bx = ((units + unit_blocks - 1) / unit_blocks + 31) / 32 * 32;
+  const int by = std::max(1, kMinThreadsPerBlock / bx);
+  const int64_t token_blocks = (tokens + by - 1) / by;
+  const int64_t resident = std::max<int64_t>(1, int64_t(sms) * blocks_per_sm_of(bx * by) / unit_blocks);
+  LaunchShape s;
+  s.block = dim3(unsigned(bx), unsigned(by));
+  s.grid = dim3(unsigned(std::min(token_blocks, resident)), unsigned(unit_blocks));
+  return s;
+}
+
 }  // namespace
 
 void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, uintptr_t stream,
@@ -83,28 +112,27 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
   if (current != device) check(cudaSetDevice(device), "cudaSetDevice");
   const bool wide = use_wide_path(p, input, cache);
   const int sms = sm_count(device);
-  dispatch_rope_kv(input, cache, p.neox, wide, [&](auto t, auto c, auto n, auto w) {
+  dispatch_rope_kv(input, cache, p.neox, wide, p.rot_dim > 0, [&](auto t, auto c, auto n, auto w, auto r) {
     using T = typename decltype(t)::type;
     using C = typename decltype(c)::type;
     constexpr bool NEOX = decltype(n)::value;
     constexpr bool WIDE = decltype(w)::value;
+    constexpr bool ROT = decltype(r)::value;
     const UnitLayout L = make_layout<T, NEOX, WIDE>(p);
     if (L.total == 0) return;
-    const int bx = std::min((L.total + 31) / 32 * 32, kMaxThreadsPerBlock);
-    const int by = std::max(1, kMinThreadsPerBlock / bx);
-    const int64_t blocks_needed = (p.num_tokens + by - 1) / by;
-    const int64_t resident = int64_t(sms) * std::max(1, kThreadsPerSM / (bx * by));
-    const int blocks = int(std::min(blocks_needed, resident));
+    auto kernel = rope_kv_kernel<T, C, NEOX, WIDE, ROT>;
+    const LaunchShape shape = launch_shape(L.total, p.num_tokens, sms, kMaxThreadsPerBlock, kSmallCallThreadsPerBlock,
+                                           [&](int threads) { return blocks_per_sm(kernel, threads, device); });
     cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(blocks);
-    config.blockDim = dim3(bx, by);
+    config.gridDim = shape.grid;
+    config.blockDim = shape.block;
     config.stream = reinterpret_cast<cudaStream_t>(stream);
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     config.attrs = attr;
     config.numAttrs = enable_pdl ? 1 : 0;
-    check(cudaLaunchKernelEx(&config, rope_kv_kernel<T, C, NEOX, WIDE>, p, L), "kernel launch");
+    check(cudaLaunchKernelEx(&config, kernel, p, L), "kernel launch");
   });
   if (current != device) check(cudaSetDevice(current), "cudaSetDevice");
 }

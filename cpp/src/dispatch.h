@@ -11,21 +11,25 @@ namespace ropekv {
 
 template <class T> struct Tag { using type = T; };
 
-// Calls f(Tag<T>{}, Tag<C>{}, bool_constant<NEOX>, bool_constant<WIDE>).
+// Calls f(Tag<T>{}, Tag<C>{}, bool_constant<NEOX>, bool_constant<WIDE>,
+// bool_constant<ROT>). ROT is false for calls that rotate nothing (store_kv):
+// their kernels carry no rotation code and need far fewer registers, and the
+// NeoX flag means nothing to them, so they exist only with NEOX = false.
 // Caches hold the input dtype or fp8; the Python layer rejects anything else
 // before a call gets here. The index dtypes (int32/int64 positions and slots)
 // are not template arguments: each is one load per token behind a branch that
 // is uniform across the grid, and templating both would make 4x the kernels
 // (and 4x the build time) for no measurable gain.
 template <class F>
-void dispatch_rope_kv(DType input, DType cache, bool neox, bool wide, F&& f) {
-  auto with_wide = [&](auto t, auto c, auto n) {
-    if (wide) f(t, c, n, std::true_type{});
-    else f(t, c, n, std::false_type{});
+void dispatch_rope_kv(DType input, DType cache, bool neox, bool wide, bool rot, F&& f) {
+  auto with_wide = [&](auto t, auto c, auto n, auto r) {
+    if (wide) f(t, c, n, std::true_type{}, r);
+    else f(t, c, n, std::false_type{}, r);
   };
   auto with_neox = [&](auto t, auto c) {
-    if (neox) with_wide(t, c, std::true_type{});
-    else with_wide(t, c, std::false_type{});
+    if (!rot) with_wide(t, c, std::false_type{}, std::false_type{});
+    else if (neox) with_wide(t, c, std::true_type{}, std::true_type{});
+    else with_wide(t, c, std::false_type{}, std::true_type{});
   };
   auto with_cache = [&](auto t) {
     using T = typename decltype(t)::type;
@@ -45,7 +49,7 @@ void dispatch_rope_kv(DType input, DType cache, bool neox, bool wide, F&& f) {
 // Picks the wide path when every access allows it.
 inline bool use_wide_path(const RopeKVParams& p, DType input, DType cache) {
   bool wide = false;
-  dispatch_rope_kv(input, cache, p.neox, false, [&](auto t, auto c, auto n, auto) {
+  dispatch_rope_kv(input, cache, p.neox, false, p.rot_dim > 0, [&](auto t, auto c, auto n, auto, auto) {
     using T = typename decltype(t)::type;
     using C = typename decltype(c)::type;
     wide = wide_path_ok<T, C, decltype(n)::value>(p);

@@ -94,6 +94,14 @@ ROPEKV_HD float rint_rn(float a) {
 ROPEKV_HD float to_float(bf16_t x) { return bits_float(uint32_t(x.bits) << 16); }
 
 ROPEKV_HD bf16_t bf16_from_float(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // The conversion instruction rounds to nearest-even like the code below;
+  // only its NaN differs (0x7fff), so NaN keeps torch's 0x7fc0.
+  if (f != f) return bf16_t{0x7fc0};
+  uint16_t h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return bf16_t{h};
+#endif
   uint32_t u = float_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{0x7fc0};  // NaN, as torch
   u += 0x7fffu + ((u >> 16) & 1u);                              // nearest-even
@@ -195,15 +203,51 @@ template <class T> constexpr bool is_fp8 = false;
 template <> constexpr bool is_fp8<e4m3_t> = true;
 template <> constexpr bool is_fp8<e5m2_t> = true;
 
+// An fp8 cache's scale, ready for many divisions. On the GPU, where an IEEE
+// division is a dozen instructions and a branch, x / s is computed from the
+// correctly rounded reciprocal r: q = x*r, then two corrections with the exact
+// residual x - s*q (an FMA). For normal x and q that is the correctly rounded
+// quotient (Markstein), and the scale's range below keeps every quotient the
+// fp8 conversion can tell apart (|q| from 2^-17 to past 2^16) in that case:
+// tinier quotients become 0 and larger ones saturate either way. Zero,
+// infinities, NaN and quotients past fp32 keep q = x*r, which has the right
+// sign and class. Scales outside the range divide (r = 0), as the CPU does.
+struct CacheScale {
+  float s = 1.0f;
+  float r = 0.0f;
+};
+
+ROPEKV_HD CacheScale cache_scale(float s) {
+  CacheScale c;
+  c.s = s;
+#if defined(__CUDA_ARCH__)
+  const float a = fabsf(s);
+  if (a >= 0x1p-64f && a <= 0x1p64f) c.r = __frcp_rn(s);
+#endif
+  return c;
+}
+
+ROPEKV_HD float divide(float x, const CacheScale& c) {
+#if defined(__CUDA_ARCH__)
+  if (c.r != 0.0f) {
+    const float q = __fmul_rn(x, c.r);
+    if (x == 0.0f || !(fabsf(q) <= 3.40282347e38f)) return q;
+    const float q1 = __fmaf_rn(c.r, __fmaf_rn(-c.s, q, x), q);
+    return __fmaf_rn(c.r, __fmaf_rn(-c.s, q1, x), q1);
+  }
+#endif
+  return div_rn(x, c.s);
+}
+
 // The value a cache of type C holds for input element x: a bit copy when the
 // types match, otherwise saturate(float(x) / scale) rounded to nearest-even.
 template <class T, class C>
-ROPEKV_HD C convert_to_cache(T x, float scale) {
+ROPEKV_HD C convert_to_cache(T x, const CacheScale& scale) {
   if constexpr (std::is_same_v<T, C>) {
     return x;
   } else {
     static_assert(is_fp8<C>, "caches hold the input dtype or fp8");
-    return Elem<C>::store(div_rn(Elem<T>::load(x), scale));
+    return Elem<C>::store(divide(Elem<T>::load(x), scale));
   }
 }
 

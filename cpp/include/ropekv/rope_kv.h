@@ -197,21 +197,20 @@ ROPEKV_HD void store_chunk(T* dst, const Chunk<T, N>& c) {
   copy_chunk<T, N, WIDE>(dst, c.e);
 }
 
-ROPEKV_HD int64_t cache_slot_offset(const CacheTensor& c, int64_t slot) {
-  if (c.page_size == 1) return slot * c.page_stride;
-  return (slot / c.page_size) * c.page_stride + (slot % c.page_size) * c.slot_stride;
+// Where a slot starts in a cache, in elements. Unpaged caches (page_size 1)
+// need one multiply; paged ones a division, 32-bit when the values allow it.
+ROPEKV_HD int64_t slot_offset(int64_t slot, int64_t page_stride, int64_t slot_stride, int64_t page_size) {
+  if (page_size == 1) return slot * page_stride;
+  const int64_t page = (uint64_t(slot) | uint64_t(page_size)) <= 0xffffffffu
+                           ? int64_t(uint32_t(slot) / uint32_t(page_size))
+                           : slot / page_size;
+  return page * page_stride + (slot - page * page_size) * slot_stride;
 }
 
-ROPEKV_HD float scale_for_head(const Scale& s, int head) {
-  return s.ptr ? s.ptr[head * s.head_stride] : s.value;
-}
-
-// Writes N input elements into the cache at (slot, head, d); `scale` is the
-// head's fp8 scale (unused when the cache holds the input dtype).
+// Writes N input elements to a cache element; `scale` is the head's fp8 scale
+// (unused when the cache holds the input dtype).
 template <class T, class C, int N, bool WIDE>
-ROPEKV_HD void write_cache_chunk(const CacheTensor& cache, float scale, int64_t slot,
-                                 int head, int d, const Chunk<T, N>& x) {
-  C* dst = static_cast<C*>(cache.ptr) + cache_slot_offset(cache, slot) + head * cache.head_stride + d;
+ROPEKV_HD void write_cache_chunk(C* dst, const CacheScale& scale, const Chunk<T, N>& x) {
   if constexpr (std::is_same_v<T, C>) {
     store_chunk<T, N, WIDE>(dst, x);
   } else {
@@ -222,139 +221,107 @@ ROPEKV_HD void write_cache_chunk(const CacheTensor& cache, float scale, int64_t 
   }
 }
 
-// What unit u of every token does: which tensor, which head, which element.
-// Decoded once per thread on the GPU (a thread keeps its unit across tokens).
-struct Unit {
-  enum Kind : int { kQRot, kKRot, kKTail, kVCopy } kind;
-  int head;
-  int j;  // chunk index within the head (rotation) or first element (copies)
-  // The head's fp8 scale (fp8 caches only), read once here: read where the
-  // cache is written, it added a dependent memory round trip to every unit.
-  float scale;
+// What unit u does for every token, resolved once per thread: its input
+// element at token 0, the cache element at slot 0, the cos/sin column. The
+// per-token work (run_plan) is then a few loads, the math and the stores, with
+// no decoding and no choice between tensors left in it.
+template <class T, class C>
+struct UnitPlan {
+  T* x = nullptr;           // first input element of the unit, token 0
+  int64_t x_stride = 0;     // token stride of that input
+  C* cache = nullptr;       // cache element (head, d) of slot 0; null: no cache write
+  int64_t page_stride = 0;  // of that cache
+  int64_t slot_stride = 0;
+  int64_t page_size = 1;
+  int cs_col = 0;           // first cos column the unit reads (rotation units)
+  bool rotate = false;      // q or k rotation unit
+  CacheScale scale;         // the head's fp8 scale (fp8 caches only)
 };
 
-template <class T, class C>
-ROPEKV_HD Unit decode_unit(const RopeKVParams& p, const UnitLayout& L, int u, int w) {
-  Unit out;
-  int per_head;
-  if (u < L.q_end) {
-    out.kind = Unit::kQRot; per_head = L.rot_units;
-  } else if (u < L.k_rot_end) {
-    out.kind = Unit::kKRot; u -= L.q_end; per_head = L.rot_units;
-  } else if (u < L.k_tail_end) {
-    out.kind = Unit::kKTail; u -= L.k_rot_end; per_head = L.tail_units;
-  } else {
-    out.kind = Unit::kVCopy; u -= L.k_tail_end; per_head = L.v_units;
-  }
-  out.head = u / per_head;
-  out.j = u - out.head * per_head;
-  if (out.kind == Unit::kKTail) out.j = p.rot_dim + out.j * w;
-  if (out.kind == Unit::kVCopy) out.j = out.j * w;
-  out.scale = 1.0f;
-  if (!std::is_same_v<T, C> && p.write_cache && out.kind != Unit::kQRot) {
-    out.scale = scale_for_head(out.kind == Unit::kVCopy ? p.v_scale : p.k_scale, out.head);
+// Unit u of a token, in the order of the comment at the top of this file.
+// Fields are picked by value (not by reference to a tensor struct) so that
+// the GPU reads the kernel parameters directly instead of by computed index.
+template <class T, class C, bool NEOX, bool WIDE>
+ROPEKV_HD UnitPlan<T, C> plan_unit(const RopeKVParams& p, const UnitLayout& L, int u) {
+  constexpr int W = chunk_elems<T, NEOX, WIDE>();
+  UnitPlan<T, C> out;
+  const bool is_q = u < L.q_end;
+  const bool is_krot = !is_q && u < L.k_rot_end;
+  const bool is_ktail = !is_q && !is_krot && u < L.k_tail_end;
+  const bool is_v = !is_q && !is_krot && !is_ktail;
+  const int first = is_q ? 0 : is_krot ? L.q_end : is_ktail ? L.k_rot_end : L.k_tail_end;
+  const int per_head = is_v ? L.v_units : is_ktail ? L.tail_units : L.rot_units;
+  const int head = (u - first) / per_head;
+  const int j = u - first - head * per_head;
+  out.rotate = is_q || is_krot;
+  out.cs_col = NEOX ? j * W : j * W / 2;
+  const int d = is_ktail ? p.rot_dim + j * W : j * W;
+  void* x_ptr = is_q ? p.q.ptr : is_v ? p.v.ptr : p.k.ptr;
+  const int64_t x_head = is_q ? p.q.head_stride : is_v ? p.v.head_stride : p.k.head_stride;
+  out.x_stride = is_q ? p.q.token_stride : is_v ? p.v.token_stride : p.k.token_stride;
+  out.x = static_cast<T*>(x_ptr) + head * x_head + d;
+  if (p.write_cache && !is_q) {
+    void* c_ptr = is_v ? p.v_cache.ptr : p.k_cache.ptr;
+    const int64_t c_head = is_v ? p.v_cache.head_stride : p.k_cache.head_stride;
+    out.cache = static_cast<C*>(c_ptr) + head * c_head + d;
+    out.page_stride = is_v ? p.v_cache.page_stride : p.k_cache.page_stride;
+    out.slot_stride = is_v ? p.v_cache.slot_stride : p.k_cache.slot_stride;
+    out.page_size = is_v ? p.v_cache.page_size : p.k_cache.page_size;
+    if constexpr (!std::is_same_v<T, C>) {
+      const Scale& s = is_v ? p.v_scale : p.k_scale;
+      out.scale = cache_scale(s.ptr ? s.ptr[head * s.head_stride] : s.value);
+    }
   }
   return out;
 }
 
-// A unit's work is split in two so that a thread can issue the loads of
-// several tokens before it waits on any of them (memory-level parallelism):
-// load_unit reads the indices and the input chunk, finish_unit reads cos/sin,
-// computes and writes.
-//
-// NeoX rotation chunk j: elements [jW, jW+W) paired with the W elements R/2
-// further on. Interleaved: elements [jW, jW+W), W/2 adjacent pairs.
+// Rotates a chunk in registers with the cos/sin values of element `row` of the
+// table on. NeoX: lo holds elements [c, c+W) of the rotated part and hi their
+// partners R/2 further on. Interleaved: lo holds W/2 adjacent pairs.
 template <class T, bool NEOX, int W>
-struct UnitData {
-  static constexpr int kPairs = NEOX ? W : W / 2;
-  Chunk<T, W> lo, hi;  // hi: NeoX partners only
-  int64_t pos;
-  int64_t slot;
-  bool rotate;
-};
-
-template <class T, bool NEOX, bool WIDE>
-ROPEKV_HD void load_unit(const RopeKVParams& p, const Unit& unit, int64_t t,
-                         UnitData<T, NEOX, chunk_elems<T, NEOX, WIDE>()>& d) {
-  constexpr int W = chunk_elems<T, NEOX, WIDE>();
-  const bool rot = unit.kind == Unit::kQRot || unit.kind == Unit::kKRot;
-  const bool needs_slot = unit.kind != Unit::kQRot && p.write_cache;
-  d.slot = needs_slot ? load_index(p.loc, p.loc_i64, t) : -1;
-  if (rot) {
-    const TokenTensor& x = unit.kind == Unit::kQRot ? p.q : p.k;
-    const T* head_ptr = static_cast<const T*>(x.ptr) + t * x.token_stride + unit.head * x.head_stride;
-    d.pos = load_index(p.positions, p.positions_i64, t);
-    d.lo = load_chunk<T, W, WIDE>(head_ptr + unit.j * W);
-    if constexpr (NEOX) d.hi = load_chunk<T, W, WIDE>(head_ptr + unit.j * W + p.rot_dim / 2);
-    d.rotate = d.pos >= 0 && d.pos < p.max_pos;
-  } else {
-    const TokenTensor& x = unit.kind == Unit::kKTail ? p.k : p.v;
-    d.lo = load_chunk<T, W, WIDE>(static_cast<const T*>(x.ptr) + t * x.token_stride +
-                                  unit.head * x.head_stride + unit.j);
-    d.rotate = false;
-  }
-}
-
-// Rotates the chunk in registers. The cos/sin values are read here, four
-// pairs at a time, to keep few registers live.
-template <class T, bool NEOX, int W>
-ROPEKV_HD void rotate_unit(const RopeKVParams& p, const Unit& unit, UnitData<T, NEOX, W>& d) {
+ROPEKV_HD void rotate_chunk(const RopeKVParams& p, int64_t row, Chunk<T, W>& lo, Chunk<T, W>& hi) {
   using E = Elem<T>;
-  constexpr int kPairs = UnitData<T, NEOX, W>::kPairs;
-  constexpr int kRun = kPairs >= 4 ? 4 : kPairs;
-  const int64_t row = d.pos * p.rot_dim + (NEOX ? unit.j * W : unit.j * W / 2);
+  constexpr int kPairs = NEOX ? W : W / 2;
+  float c[kPairs], s[kPairs];
+  load_cos_sin_run<kPairs>(p, row, c);
+  load_cos_sin_run<kPairs>(p, row + p.rot_dim / 2, s);
 #pragma unroll
-  for (int r0 = 0; r0 < kPairs; r0 += kRun) {
-    float c[kRun], s[kRun];
-    load_cos_sin_run<kRun>(p, row + r0, c);
-    load_cos_sin_run<kRun>(p, row + p.rot_dim / 2 + r0, s);
-#pragma unroll
-    for (int e = 0; e < kRun; ++e) {
-      const int i = r0 + e;
-      T& a = NEOX ? d.lo.e[i] : d.lo.e[2 * i];
-      T& b = NEOX ? d.hi.e[i] : d.lo.e[2 * i + 1];
-      float ra, rb;
-      rotate_pair(E::load(a), E::load(b), c[e], s[e], ra, rb);
-      a = E::store(ra);
-      b = E::store(rb);
-    }
+  for (int i = 0; i < kPairs; ++i) {
+    T& a = NEOX ? lo.e[i] : lo.e[2 * i];
+    T& b = NEOX ? hi.e[i] : lo.e[2 * i + 1];
+    float ra, rb;
+    rotate_pair(E::load(a), E::load(b), c[i], s[i], ra, rb);
+    a = E::store(ra);
+    b = E::store(rb);
   }
 }
 
-// Positions outside [0, max_pos) are not rotated (and nothing outside the
-// cos/sin cache is read); slots outside [0, num_slots) are not written.
-template <class T, class C, bool NEOX, bool WIDE>
-ROPEKV_HD void finish_unit(const RopeKVParams& p, const Unit& unit, int64_t t,
-                           UnitData<T, NEOX, chunk_elems<T, NEOX, WIDE>()>& d) {
+// One unit of token t. Every load that does not depend on another is issued
+// first (slot, input chunks, position); positions outside [0, max_pos) are not
+// rotated (and nothing outside the cos/sin table is read); slots outside
+// [0, num_slots) are not written. ROT = false: the call rotates nothing.
+template <class T, class C, bool NEOX, bool WIDE, bool ROT>
+ROPEKV_HD void run_plan(const RopeKVParams& p, const UnitPlan<T, C>& u, int64_t t) {
   constexpr int W = chunk_elems<T, NEOX, WIDE>();
-  if (unit.kind == Unit::kQRot || unit.kind == Unit::kKRot) {
-    if (d.rotate) {
-      rotate_unit<T, NEOX, W>(p, unit, d);
-      const TokenTensor& x = unit.kind == Unit::kQRot ? p.q : p.k;
-      T* head_ptr = static_cast<T*>(x.ptr) + t * x.token_stride + unit.head * x.head_stride;
-      store_chunk<T, W, WIDE>(head_ptr + unit.j * W, d.lo);
-      if constexpr (NEOX) store_chunk<T, W, WIDE>(head_ptr + unit.j * W + p.rot_dim / 2, d.hi);
+  const int half = p.rot_dim / 2;
+  const int64_t slot = u.cache ? load_index(p.loc, p.loc_i64, t) : -1;
+  T* x = u.x + t * u.x_stride;
+  Chunk<T, W> lo = load_chunk<T, W, WIDE>(x), hi;
+  if (ROT && u.rotate) {
+    if constexpr (NEOX) hi = load_chunk<T, W, WIDE>(x + half);
+    const int64_t pos = load_index(p.positions, p.positions_i64, t);
+    if (pos >= 0 && pos < p.max_pos) {
+      rotate_chunk<T, NEOX, W>(p, pos * p.rot_dim + u.cs_col, lo, hi);
+      store_chunk<T, W, WIDE>(x, lo);
+      if constexpr (NEOX) store_chunk<T, W, WIDE>(x + half, hi);
     }
-    if (unit.kind == Unit::kKRot && d.slot >= 0 && d.slot < p.k_cache.num_slots) {
-      write_cache_chunk<T, C, W, WIDE>(p.k_cache, unit.scale, d.slot, unit.head, unit.j * W, d.lo);
-      if constexpr (NEOX) {
-        write_cache_chunk<T, C, W, WIDE>(p.k_cache, unit.scale, d.slot, unit.head,
-                                         unit.j * W + p.rot_dim / 2, d.hi);
-      }
-    }
-    return;
   }
-  const bool is_k = unit.kind == Unit::kKTail;
-  const CacheTensor& cache = is_k ? p.k_cache : p.v_cache;
-  if (d.slot < 0 || d.slot >= cache.num_slots) return;
-  write_cache_chunk<T, C, W, WIDE>(cache, unit.scale, d.slot, unit.head, unit.j, d.lo);
-}
-
-template <class T, class C, bool NEOX, bool WIDE>
-ROPEKV_HD void run_unit(const RopeKVParams& p, const Unit& unit, int64_t t) {
-  UnitData<T, NEOX, chunk_elems<T, NEOX, WIDE>()> d;
-  load_unit<T, NEOX, WIDE>(p, unit, t, d);
-  finish_unit<T, C, NEOX, WIDE>(p, unit, t, d);
+  const int64_t num_slots = p.k_cache.num_slots < p.v_cache.num_slots ? p.k_cache.num_slots : p.v_cache.num_slots;
+  if (slot >= 0 && slot < num_slots) {
+    C* dst = u.cache + slot_offset(slot, u.page_stride, u.slot_stride, u.page_size);
+    write_cache_chunk<T, C, W, WIDE>(dst, u.scale, lo);
+    if (NEOX && ROT && u.rotate) write_cache_chunk<T, C, W, WIDE>(dst + half, u.scale, hi);
+  }
 }
 
 }  // namespace ropekv
