@@ -97,9 +97,9 @@ def test_duplicate_slots_take_one_tokens_values(backend):
         assert bool(match.all())
 
 
-# 1.7, 0.3 and -0.6: scales where x * fp32(1/s) alone would round 2 bf16 and 60 fp16
-# inputs to other e5m2 codes than x / s does (measured), so a kernel that only
-# multiplies fails here.
+# 1.7, 0.3 and -0.6: scales where x * fp32(1/s) alone would give other fp8 codes than
+# x / s for some inputs (measured: 2 of the 65536 bf16 or fp16 values into e4m3, about
+# 60 into e5m2), so a kernel that only multiplies fails here.
 FP8_SCALES = [1.0, 0.75, 1.7, 0.3, 2.0**-64, 0.75 * 2.0**-64, 2.0**64, 1.5 * 2.0**64, 1e-38, 6e37]
 FP8_TENSOR_SCALES = [-0.6, 0.0, 1e-45, 2.0**-65]
 

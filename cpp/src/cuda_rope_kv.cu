@@ -93,7 +93,8 @@ LaunchShape launch_shape(int units, int64_t tokens, int sms, int max_units_per_b
   const int cap = tokens < sms ? std::min(max_units_per_block, small_call_units_per_block) : max_units_per_block;
   const int unit_blocks = (units + cap - 1) / cap;
   const int bx = ((units + unit_blocks - 1) / unit_blocks + 31) / 32 * 32;
-  const int by = std::max(1, kMinThreadsPerBlock / bx);
+  // Stacked tokens only when one block holds all of a token's units.
+  const int by = unit_blocks > 1 ? 1 : int(std::min<int64_t>(tokens, std::max(1, kMinThreadsPerBlock / bx)));
   const int64_t token_blocks = (tokens + by - 1) / by;
   const int64_t resident = std::max<int64_t>(1, int64_t(sms) * blocks_per_sm_of(bx * by) / unit_blocks);
   LaunchShape s;

@@ -235,7 +235,10 @@ struct UnitPlan {
   int64_t page_size = 1;
   int cs_col = 0;           // first cos column the unit reads (rotation units)
   bool rotate = false;      // q or k rotation unit
-  CacheScale scale;         // the head's fp8 scale (fp8 caches only)
+  // The head's fp8 scale (fp8 caches only). Its reciprocal is prepared where
+  // the cache is written, not here: here the first token would wait for the
+  // scale's load before issuing its own loads.
+  float scale = 1.0f;
 };
 
 // Unit u of a token, in the order of the comment at the top of this file.
@@ -269,7 +272,7 @@ ROPEKV_HD UnitPlan<T, C> plan_unit(const RopeKVParams& p, const UnitLayout& L, i
     out.page_size = is_v ? p.v_cache.page_size : p.k_cache.page_size;
     if constexpr (!std::is_same_v<T, C>) {
       const Scale& s = is_v ? p.v_scale : p.k_scale;
-      out.scale = cache_scale(s.ptr ? s.ptr[head * s.head_stride] : s.value);
+      out.scale = s.ptr ? s.ptr[head * s.head_stride] : s.value;
     }
   }
   return out;
@@ -319,8 +322,9 @@ ROPEKV_HD void run_plan(const RopeKVParams& p, const UnitPlan<T, C>& u, int64_t 
   const int64_t num_slots = p.k_cache.num_slots < p.v_cache.num_slots ? p.k_cache.num_slots : p.v_cache.num_slots;
   if (slot >= 0 && slot < num_slots) {
     C* dst = u.cache + slot_offset(slot, u.page_stride, u.slot_stride, u.page_size);
-    write_cache_chunk<T, C, W, WIDE>(dst, u.scale, lo);
-    if (NEOX && ROT && u.rotate) write_cache_chunk<T, C, W, WIDE>(dst + half, u.scale, hi);
+    const CacheScale scale = std::is_same_v<T, C> ? CacheScale{} : cache_scale(u.scale);
+    write_cache_chunk<T, C, W, WIDE>(dst, scale, lo);
+    if (NEOX && ROT && u.rotate) write_cache_chunk<T, C, W, WIDE>(dst + half, scale, hi);
   }
 }
 
