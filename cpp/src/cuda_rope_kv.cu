@@ -15,8 +15,11 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 constexpr int kMaxThreadsPerBlock = 512;
-// Calls with fewer tokens than SMs spread each token's units over blocks of
-// this many threads, so that the work of one token runs on several SMs.
+// Calls that rotate and have fewer tokens than SMs spread each token's units
+// over blocks of this many threads, so that one token's arithmetic runs on
+// several SMs. Measured on the previous kernel (benchmarks/NOTES.md): split,
+// 1-token RoPE calls ran 10% faster and 1-token store_kv calls 13% slower, so
+// calls that only copy keep whole blocks (on this kernel both within 0.05 µs).
 constexpr int kSmallCallThreadsPerBlock = 64;
 // Tokens are stacked in a block until it has at least this many threads.
 constexpr int kMinThreadsPerBlock = 128;
@@ -122,7 +125,8 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
     const UnitLayout L = make_layout<T, NEOX, WIDE>(p);
     if (L.total == 0) return;
     auto kernel = rope_kv_kernel<T, C, NEOX, WIDE, ROT>;
-    const LaunchShape shape = launch_shape(L.total, p.num_tokens, sms, kMaxThreadsPerBlock, kSmallCallThreadsPerBlock,
+    const LaunchShape shape = launch_shape(L.total, p.num_tokens, sms, kMaxThreadsPerBlock,
+                                           ROT ? kSmallCallThreadsPerBlock : kMaxThreadsPerBlock,
                                            [&](int threads) { return blocks_per_sm(kernel, threads, device); });
     cudaLaunchConfig_t config = {};
     config.gridDim = shape.grid;
