@@ -17,9 +17,10 @@ constexpr int kMaxDevices = 64;
 constexpr int kMaxThreadsPerBlock = 512;
 // Calls that rotate and have fewer tokens than SMs spread each token's units
 // over blocks of this many threads, so that one token's arithmetic runs on
-// several SMs. Measured on the previous kernel (benchmarks/NOTES.md): split,
-// 1-token RoPE calls ran 10% faster and 1-token store_kv calls 13% slower, so
-// calls that only copy keep whole blocks (on this kernel both within 0.05 µs).
+// several SMs (benchmarks/NOTES.md, v7: 1-token fused calls 10% faster split on
+// the v6 kernel, within 0.07 µs either way on this one). For store_kv calls the
+// measurements disagreed between kernel versions and are level on this one
+// (1.90 split, 1.91 whole on the H100): they keep whole blocks.
 constexpr int kSmallCallThreadsPerBlock = 64;
 // Tokens are stacked in a block until it has at least this many threads.
 constexpr int kMinThreadsPerBlock = 128;
