@@ -156,6 +156,12 @@ ROPEKV_HD void load_cos_sin_run(const RopeKVParams& p, int64_t i, float (&out)[N
       return;
     }
   }
+#else
+  // The CPU: one dtype test per run rather than per value, so the copy vectorizes.
+  if (p.cos_sin_dtype == DType::f32) {
+    std::memcpy(out, static_cast<const float*>(p.cos_sin) + i, sizeof(out));
+    return;
+  }
 #endif
 #pragma unroll
   for (int e = 0; e < N; ++e) out[e] = load_cos_sin(p.cos_sin, p.cos_sin_dtype, i + e);
