@@ -18,7 +18,10 @@ void rope_kv_cpu(const RopeKVParams& p, DType input, DType cache) {
     const UnitLayout L = make_layout<T, NEOX, WIDE>(p);
     // Planned once per call, as each GPU thread plans its unit once.
     std::vector<UnitPlan<T, C>> plans(L.total);
-    for (int u = 0; u < L.total; ++u) plans[u] = plan_unit<T, C, NEOX, WIDE>(p, L, u);
+    for (int u = 0; u < L.total; ++u) {
+      plans[u] = plan_unit<T, C, NEOX, WIDE>(p, L, u);
+      read_plan_scale(plans[u]);
+    }
     const int64_t num_tokens = p.num_tokens;
     // Threads only pay off once there is real work to split.
 #pragma omp parallel for schedule(static) if (num_tokens * L.total > (1 << 12))

@@ -32,16 +32,18 @@ constexpr int kMinBlocksPerSM = 2;
 // than what the GPU holds at once, strides over the rest.
 template <class T, class C, bool NEOX, bool WIDE, bool ROT>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM) rope_kv_kernel(const RopeKVParams p, const UnitLayout L) {
+  const int u = blockIdx.y * blockDim.x + threadIdx.x;
+  if (u >= L.total) return;
+  // The plan reads only the kernel parameters, so it comes before the wait.
+  UnitPlan<T, C> plan = plan_unit<T, C, NEOX, WIDE>(p, L, u);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Programmatic dependent launch: wait for the previous kernel's writes, and
-  // let the next kernel start launching (it waits for ours the same way).
-  // Both are no-ops when the launch did not ask for it.
+  // let the next kernel start launching (it plans, then waits for ours the
+  // same way). Both are no-ops when the launch did not ask for it.
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
-  const int u = blockIdx.y * blockDim.x + threadIdx.x;
-  if (u >= L.total) return;
-  const UnitPlan<T, C> plan = plan_unit<T, C, NEOX, WIDE>(p, L, u);
+  read_plan_scale(plan);
   const int64_t stride = int64_t(gridDim.x) * blockDim.y;
   for (int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; t < p.num_tokens; t += stride) {
     run_plan<T, C, NEOX, WIDE, ROT>(p, plan, t);
