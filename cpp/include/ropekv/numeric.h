@@ -228,9 +228,10 @@ ROPEKV_HD CacheScale cache_scale(float s) {
 }
 
 // x / c.s on the GPU when c.r != 0 (see CacheScale). Both corrections are
-// computed for every x and the special cases picked by a select rather than a
-// branch per element (benchmarks/NOTES.md, v8: fused RoPE + KV write into an
-// fp8 cache 9% faster at 32768 tokens).
+// computed for every x and the special cases picked by a select rather than
+// branches per element, and callers test c.r once per chunk (benchmarks/
+// NOTES.md, v8: fused RoPE + KV write into an fp8 cache 9% faster at 32768
+// tokens).
 ROPEKV_HD float divide_by_reciprocal(float x, const CacheScale& c) {
 #if defined(__CUDA_ARCH__)
   const float q = __fmul_rn(x, c.r);

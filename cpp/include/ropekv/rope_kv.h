@@ -229,7 +229,7 @@ ROPEKV_HD int64_t slot_offset(int64_t slot, int64_t page_stride, int64_t slot_st
 // Stores a chunk into a cache. On the GPU 16-, 8- and 4-byte chunks are
 // marked evict-first (st.global.cs): this kernel never reads the cache, so the
 // rows it writes should not push the call's q, k, v and cos/sin rows out of L2
-// (benchmarks/NOTES.md, v8: fused calls of 2048 tokens 14% faster).
+// (benchmarks/NOTES.md, v8: fused calls of 2048 tokens 14.7 -> 12.4 µs).
 template <class C, int N, bool WIDE>
 ROPEKV_HD void store_cache_chunk(C* dst, const Chunk<C, N>& c) {
 #if defined(__CUDA_ARCH__)
