@@ -226,23 +226,25 @@ ROPEKV_HD int64_t slot_offset(int64_t slot, int64_t page_stride, int64_t slot_st
   return page * page_stride + (slot - page * page_size) * slot_stride;
 }
 
-// Stores a chunk into a cache. On the GPU 16-, 8- and 4-byte chunks are
-// marked evict-first (st.global.cs): this kernel never reads the cache, so the
-// rows it writes should not push the call's q, k, v and cos/sin rows out of L2
-// (benchmarks/NOTES.md, v8: fused calls of 2048 tokens 14.7 -> 12.4 µs).
-template <class C, int N, bool WIDE>
+// Stores a chunk into a cache. With EVICT_FIRST, on the GPU 16-, 8- and 4-byte
+// chunks are marked evict-first (st.global.cs): this kernel never reads the
+// cache, so the rows it writes should not push the call's q, k, v and cos/sin
+// rows out of L2 (benchmarks/NOTES.md, v8: fused calls of 2048 tokens 14.7 ->
+// 12.4 µs). Calls that only copy (store_kv) gained nothing from it in the
+// benchmark and lost about 1% at 32768 tokens: they store plainly.
+template <class C, int N, bool WIDE, bool EVICT_FIRST>
 ROPEKV_HD void store_cache_chunk(C* dst, const Chunk<C, N>& c) {
 #if defined(__CUDA_ARCH__)
   constexpr int kBytes = int(sizeof(C)) * N;
-  if constexpr (WIDE && kBytes == 16) {
+  if constexpr (EVICT_FIRST && WIDE && kBytes == 16) {
     const uint4 v = *reinterpret_cast<const uint4*>(c.e);
     asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
     return;
-  } else if constexpr (WIDE && kBytes == 8) {
+  } else if constexpr (EVICT_FIRST && WIDE && kBytes == 8) {
     const uint2 v = *reinterpret_cast<const uint2*>(c.e);
     asm volatile("st.global.cs.v2.u32 [%0], {%1, %2};" ::"l"(dst), "r"(v.x), "r"(v.y) : "memory");
     return;
-  } else if constexpr (WIDE && kBytes == 4) {
+  } else if constexpr (EVICT_FIRST && WIDE && kBytes == 4) {
     const uint32_t v = *reinterpret_cast<const uint32_t*>(c.e);
     asm volatile("st.global.cs.u32 [%0], %1;" ::"l"(dst), "r"(v) : "memory");
     return;
@@ -253,10 +255,10 @@ ROPEKV_HD void store_cache_chunk(C* dst, const Chunk<C, N>& c) {
 
 // Writes N input elements to a cache element; `scale` is the head's fp8 scale
 // (unused when the cache holds the input dtype).
-template <class T, class C, int N, bool WIDE>
+template <class T, class C, int N, bool WIDE, bool EVICT_FIRST>
 ROPEKV_HD void write_cache_chunk(C* dst, const CacheScale& scale, const Chunk<T, N>& x) {
   if constexpr (std::is_same_v<T, C>) {
-    store_cache_chunk<C, N, WIDE>(dst, x);
+    store_cache_chunk<C, N, WIDE, EVICT_FIRST>(dst, x);
   } else {
     Chunk<C, N> out;
     if (scale.r != 0.0f) {  // once per chunk, not per element
@@ -266,7 +268,7 @@ ROPEKV_HD void write_cache_chunk(C* dst, const CacheScale& scale, const Chunk<T,
 #pragma unroll
       for (int i = 0; i < N; ++i) out.e[i] = convert_to_cache<T, C>(x.e[i], scale);
     }
-    store_cache_chunk<C, N, WIDE>(dst, out);
+    store_cache_chunk<C, N, WIDE, EVICT_FIRST>(dst, out);
   }
 }
 
@@ -387,8 +389,8 @@ ROPEKV_HD void run_plan(const RopeKVParams& p, const UnitPlan<T, C>& u, int64_t 
   if (slot >= 0 && slot < num_slots) {
     C* dst = u.cache + slot_offset(slot, u.page_stride, u.slot_stride, u.page_size);
     const CacheScale scale = std::is_same_v<T, C> ? CacheScale{} : cache_scale(u.scale);
-    write_cache_chunk<T, C, W, WIDE>(dst, scale, lo);
-    if (NEOX && ROT && u.rotate) write_cache_chunk<T, C, W, WIDE>(dst + half, scale, hi);
+    write_cache_chunk<T, C, W, WIDE, ROT>(dst, scale, lo);
+    if (NEOX && ROT && u.rotate) write_cache_chunk<T, C, W, WIDE, ROT>(dst + half, scale, hi);
   }
 }
 
