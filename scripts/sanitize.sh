@@ -18,6 +18,8 @@
 #   SANITIZE_EXAMPLES   hypothesis examples per test under the sanitizer (default 5)
 #   PYTEST_K            the pytest -k selection (default below: the native-cuda parametrizations
 #                       and the CUDA-only tests, without the >2^31-element ones)
+#   PYTEST_K_AND        an extra -k condition and-ed to PYTEST_K, to split one tool's run into
+#                       parts that run side by side (scripts/gpu-check.sh --sanitize)
 #   SANITIZE_TIMEOUT    seconds per tool (default 1500)
 # At the end it prints each tool's summary line (ERROR SUMMARY; RACECHECK SUMMARY for racecheck).
 # Exit status: 0 when every tool ran and reported no error, 1 otherwise, 2 when it cannot start.
@@ -33,6 +35,7 @@ TOOLS=("$@")
 EXAMPLES="${SANITIZE_EXAMPLES:-5}"
 TIMEOUT="${SANITIZE_TIMEOUT:-1500}"
 PYTEST_K="${PYTEST_K:-(native-cuda or cuda_streams or cuda_graph or mixed_cuda) and not over_2g}"
+[ -z "${PYTEST_K_AND:-}" ] || PYTEST_K="($PYTEST_K) and ($PYTEST_K_AND)"
 
 SAN="${SANITIZER:-}"
 if [ -z "$SAN" ]; then
