@@ -19,14 +19,17 @@ void rope_kv_cpu(const RopeKVParams& p, DType input, DType cache) {
     // Planned once per call, as each GPU thread plans its unit once.
     std::vector<UnitPlan<T, C>> plans(L.total);
     for (int u = 0; u < L.total; ++u) {
-      plans[u] = plan_unit<T, C, NEOX, WIDE>(p, L, u);
+      plans[u] = plan_unit<T, C, NEOX, WIDE, ROT>(p, L, u);
       read_plan_scale(plans[u]);
     }
     const int64_t num_tokens = p.num_tokens;
     // Threads only pay off once there is real work to split.
 #pragma omp parallel for schedule(static) if (num_tokens * L.total > (1 << 12))
     for (int64_t tok = 0; tok < num_tokens; ++tok) {
-      for (const UnitPlan<T, C>& plan : plans) run_plan<T, C, NEOX, WIDE, ROT>(p, plan, tok);
+      for (const UnitPlan<T, C>& plan : plans) {
+        const TokenIndex ix = load_token_index(p, ROT && plan.rotate, plan.cache != nullptr, tok);
+        run_plan<T, C, NEOX, WIDE, ROT>(p, plan, tok, ix);
+      }
     }
   });
 }

@@ -27,15 +27,20 @@ constexpr int kMinThreadsPerBlock = 128;
 // At most 64 registers, so that an SM holds at least 1024 threads.
 constexpr int kMinBlocksPerSM = 2;
 
-// One unit per thread: threadIdx.x and blockIdx.y pick the unit, planned once;
-// threadIdx.y and blockIdx.x pick the first token, and the grid, no larger
-// than what the GPU holds at once, strides over the rest.
-template <class T, class C, bool NEOX, bool WIDE, bool ROT>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM) rope_kv_kernel(const RopeKVParams p, const UnitLayout L) {
-  const int u = blockIdx.y * blockDim.x + threadIdx.x;
-  if (u >= L.total) return;
-  // The plan reads only the kernel parameters, so it comes before the wait.
-  UnitPlan<T, C> plan = plan_unit<T, C, NEOX, WIDE>(p, L, u);
+// One unit of kind K for the tokens t, t + stride, ... Without programmatic
+// dependent launch the previous kernel has finished when this one starts, so
+// the first token's indices are loaded first and the plan is made while they
+// are in flight (benchmarks/NOTES.md, v9: store_kv at 1 token 1.88 -> 1.51
+// µs); with it, the plan comes before griddepcontrol.wait and the indices
+// after. The loop is not unrolled: an unrolled loop starts with a 64-bit
+// division for its trip count, on the path of a 1-token call.
+template <class T, class C, bool NEOX, bool WIDE, bool ROT, UnitKind K>
+__device__ __forceinline__ void run_units(const RopeKVParams& p, const UnitLayout& L, int u, int64_t t, bool pdl) {
+  constexpr bool kRotates = ROT && (K == UnitKind::q_rot || K == UnitKind::k_rot);
+  const bool writes = K != UnitKind::q_rot && p.write_cache;
+  TokenIndex ix;
+  if (!pdl) ix = load_token_index(p, kRotates, writes, t);
+  UnitPlan<T, C> plan = plan_kind<T, C, NEOX, WIDE, K>(p, L, u);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Programmatic dependent launch: wait for the previous kernel's writes, and
   // let the next kernel start launching (it plans, then waits for ours the
@@ -43,11 +48,30 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM) rope_kv_
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
+  if (pdl) ix = load_token_index(p, kRotates, writes, t);
   read_plan_scale(plan);
   const int64_t stride = int64_t(gridDim.x) * blockDim.y;
-  for (int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; t < p.num_tokens; t += stride) {
-    run_plan<T, C, NEOX, WIDE, ROT>(p, plan, t);
+#pragma unroll 1
+  for (;;) {
+    run_plan<T, C, NEOX, WIDE, ROT>(p, plan, t, ix);
+    t += stride;
+    if (t >= p.num_tokens) break;
+    ix = load_token_index(p, kRotates, writes, t);
   }
+}
+
+// One unit per thread: threadIdx.x and blockIdx.y pick the unit, threadIdx.y
+// and blockIdx.x the first token, and the grid, no larger than what the GPU
+// holds at once, strides over the rest. A unit's kind is a branch that is the
+// same for a whole warp when the kinds' unit counts are multiples of 32 (every
+// common head size).
+template <class T, class C, bool NEOX, bool WIDE, bool ROT>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
+    rope_kv_kernel(const RopeKVParams p, const UnitLayout L, bool pdl) {
+  const int u = blockIdx.y * blockDim.x + threadIdx.x;
+  const int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (u >= L.total || t >= p.num_tokens) return;
+  with_unit_kind<ROT>(L, u, [&](auto kind) { run_units<T, C, NEOX, WIDE, ROT, decltype(kind)::value>(p, L, u, t, pdl); });
 }
 
 void check(cudaError_t err, const char* what) {
@@ -145,7 +169,7 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     config.attrs = attr;
     config.numAttrs = enable_pdl ? 1 : 0;
-    check(cudaLaunchKernelEx(&config, kernel, p, L), "kernel launch");
+    check(cudaLaunchKernelEx(&config, kernel, p, L, enable_pdl), "kernel launch");
   });
   if (current != device) check(cudaSetDevice(current), "cudaSetDevice");
 }

@@ -12,6 +12,8 @@
 // "tail"); RoPE alone is it with the cache write switched off.
 #pragma once
 
+#include <type_traits>
+
 #include "ropekv/numeric.h"
 
 namespace ropekv {
@@ -294,45 +296,65 @@ struct UnitPlan {
   float scale = 1.0f;
 };
 
-// Unit u of a token, in the order of the comment at the top of this file.
-// Fields are picked by value (not by reference to a tensor struct) so that
-// the GPU reads the kernel parameters directly instead of by computed index.
-// Reads no memory: with programmatic dependent launch the GPU plans while the
-// previous kernel is still running.
-template <class T, class C, bool NEOX, bool WIDE>
-ROPEKV_HD UnitPlan<T, C> plan_unit(const RopeKVParams& p, const UnitLayout& L, int u) {
+// The four kinds of unit, in the order of the comment at the top of this file.
+enum class UnitKind : int { q_rot, k_rot, k_tail, v };
+template <UnitKind K> using KindTag = std::integral_constant<UnitKind, K>;
+
+// Calls f(KindTag<kind of unit u>{}). ROT = false: the call has no rotation
+// units (q_end == k_rot_end == 0), and those kinds are not instantiated.
+template <bool ROT, class F>
+ROPEKV_HD void with_unit_kind(const UnitLayout& L, int u, F&& f) {
+  if constexpr (ROT) {
+    if (u < L.q_end) return f(KindTag<UnitKind::q_rot>{});
+    if (u < L.k_rot_end) return f(KindTag<UnitKind::k_rot>{});
+  }
+  if (u < L.k_tail_end) return f(KindTag<UnitKind::k_tail>{});
+  f(KindTag<UnitKind::v>{});
+}
+
+// Unit u of a token, of kind K. The kind is a template argument so that each
+// field is a fixed kernel parameter (a runtime choice between tensors made
+// the GPU read parameters by computed index, on the path to the first load),
+// and so that the GPU code of a kind carries only that kind's work. Reads no
+// memory: with programmatic dependent launch the GPU plans while the previous
+// kernel is still running.
+template <class T, class C, bool NEOX, bool WIDE, UnitKind K>
+ROPEKV_HD UnitPlan<T, C> plan_kind(const RopeKVParams& p, const UnitLayout& L, int u) {
   constexpr int W = chunk_elems<T, NEOX, WIDE>();
-  UnitPlan<T, C> out;
-  const bool is_q = u < L.q_end;
-  const bool is_krot = !is_q && u < L.k_rot_end;
-  const bool is_ktail = !is_q && !is_krot && u < L.k_tail_end;
-  const bool is_v = !is_q && !is_krot && !is_ktail;
-  const int first = is_q ? 0 : is_krot ? L.q_end : is_ktail ? L.k_rot_end : L.k_tail_end;
-  const int per_head = is_v ? L.v_units : is_ktail ? L.tail_units : L.rot_units;
-  const int shift = is_v ? L.v_shift : is_ktail ? L.tail_shift : L.rot_shift;
+  constexpr bool kQ = K == UnitKind::q_rot, kTail = K == UnitKind::k_tail, kV = K == UnitKind::v;
+  const TokenTensor& x = kQ ? p.q : kV ? p.v : p.k;
+  const CacheTensor& cache = kV ? p.v_cache : p.k_cache;
+  const int first = kQ ? 0 : K == UnitKind::k_rot ? L.q_end : kTail ? L.k_rot_end : L.k_tail_end;
+  const int per_head = kV ? L.v_units : kTail ? L.tail_units : L.rot_units;
+  const int shift = kV ? L.v_shift : kTail ? L.tail_shift : L.rot_shift;
   const int w = u - first;
   const int head = shift >= 0 ? w >> shift : w / per_head;
   const int j = w - head * per_head;
-  out.rotate = is_q || is_krot;
+  const int d = kTail ? p.rot_dim + j * W : j * W;
+  UnitPlan<T, C> out;
+  out.rotate = !kTail && !kV;
   out.cs_col = NEOX ? j * W : j * W / 2;
-  const int d = is_ktail ? p.rot_dim + j * W : j * W;
-  void* x_ptr = is_q ? p.q.ptr : is_v ? p.v.ptr : p.k.ptr;
-  const int64_t x_head = is_q ? p.q.head_stride : is_v ? p.v.head_stride : p.k.head_stride;
-  out.x_stride = is_q ? p.q.token_stride : is_v ? p.v.token_stride : p.k.token_stride;
-  out.x = static_cast<T*>(x_ptr) + head * x_head + d;
-  if (p.write_cache && !is_q) {
-    void* c_ptr = is_v ? p.v_cache.ptr : p.k_cache.ptr;
-    const int64_t c_head = is_v ? p.v_cache.head_stride : p.k_cache.head_stride;
-    out.cache = static_cast<C*>(c_ptr) + head * c_head + d;
-    out.page_stride = is_v ? p.v_cache.page_stride : p.k_cache.page_stride;
-    out.slot_stride = is_v ? p.v_cache.slot_stride : p.k_cache.slot_stride;
-    out.page_size = is_v ? p.v_cache.page_size : p.k_cache.page_size;
+  out.x = static_cast<T*>(x.ptr) + head * x.head_stride + d;
+  out.x_stride = x.token_stride;
+  if (!kQ && p.write_cache) {
+    out.cache = static_cast<C*>(cache.ptr) + head * cache.head_stride + d;
+    out.page_stride = cache.page_stride;
+    out.slot_stride = cache.slot_stride;
+    out.page_size = cache.page_size;
     if constexpr (!std::is_same_v<T, C>) {
-      const Scale& s = is_v ? p.v_scale : p.k_scale;
+      const Scale& s = kV ? p.v_scale : p.k_scale;
       if (s.ptr) out.scale_ptr = s.ptr + head * s.head_stride;
       else out.scale = s.value;
     }
   }
+  return out;
+}
+
+// Unit u of a token, whatever its kind (the CPU plans every unit this way).
+template <class T, class C, bool NEOX, bool WIDE, bool ROT>
+ROPEKV_HD UnitPlan<T, C> plan_unit(const RopeKVParams& p, const UnitLayout& L, int u) {
+  UnitPlan<T, C> out;
+  with_unit_kind<ROT>(L, u, [&](auto kind) { out = plan_kind<T, C, NEOX, WIDE, decltype(kind)::value>(p, L, u); });
   return out;
 }
 
@@ -342,6 +364,20 @@ ROPEKV_HD void read_plan_scale(UnitPlan<T, C>& plan) {
   if constexpr (!std::is_same_v<T, C>) {
     if (plan.scale_ptr) plan.scale = *plan.scale_ptr;
   }
+}
+
+// A token's indices, as one unit needs them: its cache slot when the unit
+// writes the cache (else -1), its position when it rotates (else 0).
+struct TokenIndex {
+  int64_t slot = -1;
+  int64_t pos = 0;
+};
+
+ROPEKV_HD TokenIndex load_token_index(const RopeKVParams& p, bool rotates, bool writes, int64_t t) {
+  TokenIndex ix;
+  if (writes) ix.slot = load_index(p.loc, p.loc_i64, t);
+  if (rotates) ix.pos = load_index(p.positions, p.positions_i64, t);
+  return ix;
 }
 
 // Rotates a chunk in registers with the cos/sin values of element `row` of the
@@ -365,29 +401,29 @@ ROPEKV_HD void rotate_chunk(const RopeKVParams& p, int64_t row, Chunk<T, W>& lo,
   }
 }
 
-// One unit of token t. Every load that does not depend on another is issued
-// first (slot, input chunks, position); positions outside [0, max_pos) are not
-// rotated (and nothing outside the cos/sin table is read); slots outside
-// [0, num_slots) are not written. ROT = false: the call rotates nothing.
+// One unit of token t, whose indices the caller loaded (the GPU loads the
+// next token's while nothing else is in flight, and the first token's before
+// planning). The input chunks are loaded before anything waits on the
+// indices; positions outside [0, max_pos) are not rotated (and nothing
+// outside the cos/sin table is read); slots outside [0, num_slots) are not
+// written. ROT = false: the call rotates nothing.
 template <class T, class C, bool NEOX, bool WIDE, bool ROT>
-ROPEKV_HD void run_plan(const RopeKVParams& p, const UnitPlan<T, C>& u, int64_t t) {
+ROPEKV_HD void run_plan(const RopeKVParams& p, const UnitPlan<T, C>& u, int64_t t, const TokenIndex& ix) {
   constexpr int W = chunk_elems<T, NEOX, WIDE>();
   const int half = p.rot_dim / 2;
-  const int64_t slot = u.cache ? load_index(p.loc, p.loc_i64, t) : -1;
   T* x = u.x + t * u.x_stride;
   Chunk<T, W> lo = load_chunk<T, W, WIDE>(x), hi;
   if (ROT && u.rotate) {
     if constexpr (NEOX) hi = load_chunk<T, W, WIDE>(x + half);
-    const int64_t pos = load_index(p.positions, p.positions_i64, t);
-    if (pos >= 0 && pos < p.max_pos) {
-      rotate_chunk<T, NEOX, W>(p, pos * p.rot_dim + u.cs_col, lo, hi);
+    if (ix.pos >= 0 && ix.pos < p.max_pos) {
+      rotate_chunk<T, NEOX, W>(p, ix.pos * p.rot_dim + u.cs_col, lo, hi);
       store_chunk<T, W, WIDE>(x, lo);
       if constexpr (NEOX) store_chunk<T, W, WIDE>(x + half, hi);
     }
   }
   const int64_t num_slots = p.k_cache.num_slots < p.v_cache.num_slots ? p.k_cache.num_slots : p.v_cache.num_slots;
-  if (slot >= 0 && slot < num_slots) {
-    C* dst = u.cache + slot_offset(slot, u.page_stride, u.slot_stride, u.page_size);
+  if (u.cache && ix.slot >= 0 && ix.slot < num_slots) {
+    C* dst = u.cache + slot_offset(ix.slot, u.page_stride, u.slot_stride, u.page_size);
     const CacheScale scale = std::is_same_v<T, C> ? CacheScale{} : cache_scale(u.scale);
     write_cache_chunk<T, C, W, WIDE, ROT>(dst, scale, lo);
     if (NEOX && ROT && u.rotate) write_cache_chunk<T, C, W, WIDE, ROT>(dst + half, scale, hi);
