@@ -402,7 +402,7 @@ ROPEKV_HD void rotate_chunk(const RopeKVParams& p, int64_t row, Chunk<T, W>& lo,
 }
 
 // One unit of token t, whose indices the caller loaded (the GPU loads the
-// next token's while nothing else is in flight, and the first token's before
+// next token's at the end of this one, and the first token's before
 // planning). The input chunks are loaded before anything waits on the
 // indices; positions outside [0, max_pos) are not rotated (and nothing
 // outside the cos/sin table is read); slots outside [0, num_slots) are not
