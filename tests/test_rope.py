@@ -7,7 +7,8 @@ import dataclasses
 from typing import Optional
 
 import torch
-from hypothesis import given, strategies as st
+import pytest
+from hypothesis import given, settings, strategies as st
 
 import ropekv
 import reference as ref
@@ -87,6 +88,8 @@ def as3(x, h, d):
 
 def run_rope_case(case: RopeCase, device, api: str = "sgl"):
     q, k, pos, cs, kv = build_rope(case, device)
+    # The caches as they were: every slot the call does not name must keep its bits.
+    caches_before = (kv.k_cache.clone(), kv.v_cache.clone()) if kv is not None else None
     want_q, slack_q = ref.rope(as3(q, case.hq, case.head_size), pos, cs, case.neox)
     want_k, slack_k = ref.rope(as3(k, case.hk, case.head_size), pos, cs, case.neox)
     if api == "sgl":
@@ -106,7 +109,7 @@ def run_rope_case(case: RopeCase, device, api: str = "sgl"):
     ref.assert_close_rope(as3(k, case.hk, case.head_size), want_k, slack_k, f"key of {case}")
     if kv is not None:
         # The caches hold exactly store_kv(rotated key, value).
-        want_kc, want_vc = ref.store_kv(kv.k3, kv.v3, kv.k_cache, kv.v_cache, kv.loc, kv.k_scale, kv.v_scale)
+        want_kc, want_vc = ref.store_kv(kv.k3, kv.v3, *caches_before, kv.loc, kv.k_scale, kv.v_scale)
         assert torch.equal(ref.bits(kv.k_cache).cpu(), want_kc), f"k_buffer differs for {case}"
         assert torch.equal(ref.bits(kv.v_cache).cpu(), want_vc), f"v_buffer differs for {case}"
     return q, k, kv
@@ -199,3 +202,78 @@ def test_out_of_range_positions_leave_token_unrotated(backend):
     ropekv.apply_rope_with_cos_sin_cache_inplace(torch.tensor([-5, 1, 16], device=device), q, k, 64,
                                                  cos_sin_cache(16, 64).to(device))
     assert torch.equal(q[0], q0[0]) and torch.equal(q[2], q0[2]) and not torch.equal(q[1], q0[1])
+
+
+# ---- large calls with narrow heads (the CUDA row kernel) ----------------------
+
+def row_kernel_min_tokens() -> int:
+    """Rotating calls of at least this many tokens whose rotated half is at most
+    4 chunks of 16 bytes take the CUDA row kernel (cpp/src/cuda_rope_kv.cu)."""
+    return 32 * torch.cuda.get_device_properties(0).multi_processor_count
+
+
+def needs_native_cuda(backend):
+    if backend != ("native", torch.device("cuda")):
+        pytest.skip("the row kernel is part of the CUDA backend")
+
+
+@st.composite
+def large_narrow_cases(draw):
+    hk = draw(st.integers(1, 8))
+    hq = draw(st.one_of(st.just(hk * draw(st.sampled_from([1, 2, 4, 8]))), st.integers(1, 64)))
+    head_size = draw(st.sampled_from([32, 48, 64, 64, 96, 128]))
+    rot_dim = draw(st.sampled_from([r for r in (16, 32, 48, 64) if r <= head_size]))
+    kv = draw(kv_cases(max_tokens=0, hk=hk, dk=head_size))
+    kv = dataclasses.replace(kv, T=row_kernel_min_tokens() + draw(st.integers(0, 300)),
+                             dv=draw(st.sampled_from([32, 64, 128, min(kv.dv, 256)])))
+    return RopeCase(
+        T=kv.T, hq=hq, hk=hk, head_size=head_size, rot_dim=rot_dim, neox=draw(st.booleans()), dtype=kv.dtype,
+        cos_sin_dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16])),
+        layout=draw(st.sampled_from(["qkv", "2d", "3d", "head_padded"])), index_dtype=kv.index_dtype,
+        max_pos=draw(st.integers(1, 4096)), bad_pos_frac=draw(st.sampled_from([0.0, 0.0, 0.1])),
+        kv=draw(st.sampled_from([kv, kv, None])), seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+# A quarter of the profile's examples: each is a call of thousands of tokens.
+@settings(max_examples=max(2, settings.default.max_examples // 4))
+@given(data=st.data())
+def test_large_narrow_head_calls_match_reference(backend, data):
+    """Every output of the row kernel's calls (and of the unit kernel's, where the
+    drawn layout does not allow rows) against the float64 reference."""
+    needs_native_cuda(backend)
+    run_rope_case(data.draw(large_narrow_cases()), backend[1])
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_large_narrow_head_call_takes_the_row_kernel(backend, cache_dtype):
+    """The gpt-oss shape at the threshold runs the row kernel, one token fewer the
+    unit kernel (kernel names from the profiler), and both give the same bits."""
+    needs_native_cuda(backend)
+    T0, hq, hk, d = row_kernel_min_tokens(), 64, 8, 64
+    gen = torch.Generator().manual_seed(7)
+    qkv = torch.randn(T0, (hq + 2 * hk) * d, generator=gen).to(torch.bfloat16).cuda()
+    cs = cos_sin_cache(4096, d).cuda()
+    pos = torch.randint(0, 4096, (T0,), generator=gen).cuda()
+    loc = torch.randperm(2 * T0, generator=gen)[:T0].cuda()
+    cache0 = (torch.randn(2 * T0, hk, d, generator=gen) * 2).to(cache_dtype).cuda()
+    kernels, outs = [], []
+    for T in (T0, T0 - 1):
+        x = qkv[:T].clone()
+        q, k, v = x[:, : hq * d], x[:, hq * d : (hq + hk) * d], x[:, (hq + hk) * d :]
+        kc, vc = cache0.clone(), cache0.clone()
+        arg = ropekv.FusedSetKVBufferArg(value=v, k_buffer=kc, v_buffer=vc, cache_loc=loc[:T],
+                                         k_scale=0.5 if cache_dtype != torch.bfloat16 else None,
+                                         v_scale=0.5 if cache_dtype != torch.bfloat16 else None)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ropekv.apply_rope_with_cos_sin_cache_inplace(pos[:T], q, k, d, cs, True, arg)
+            torch.cuda.synchronize()
+        kernels.append({e.name for e in prof.events() if "rope_kv" in e.name})
+        outs.append((x, kc, vc))
+    assert any("rope_kv_rows_kernel" in n for n in kernels[0]), kernels[0]
+    assert not any("rope_kv_rows_kernel" in n for n in kernels[1]), kernels[1]
+    assert torch.equal(ref.bits(outs[0][0][: T0 - 1]), ref.bits(outs[1][0]))
+    others = torch.ones(2 * T0, dtype=torch.bool, device="cuda")
+    others[loc[T0 - 1]] = False  # the one slot only the longer call writes
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        assert torch.equal(ref.bits(a)[others], ref.bits(b)[others])

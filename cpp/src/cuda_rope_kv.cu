@@ -74,6 +74,149 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
   with_unit_kind<ROT>(L, u, [&](auto kind) { run_units<T, C, NEOX, WIDE, ROT, decltype(kind)::value>(p, L, u, t, pdl); });
 }
 
+// ---- Large calls with narrow heads: rows of heads per warp ------------------
+// A row is 32 lanes over 32/P heads x P chunk columns of one kind (P: the
+// kind's units per head, a power of two of at most 32). In the row kernel a
+// warp owns N consecutive rows of one kind, so a lane carries the same column
+// of N heads: N times the bytes in flight per warp, one cos/sin load for N
+// heads. Measured (benchmarks/NOTES.md, v10): gpt-oss shape (head 64) fused at
+// 32768 tokens 260.6 -> 247.5 µs with N = 2 (bf16 cache) and 270.9 -> 239.2 µs
+// with N = 4 (fp8 cache); with head 128 (Llama) 318.2 -> 325-330, slower, and
+// below about 2048 tokens slower for both. So only large calls whose rotated
+// half is at most kRowsMaxRotUnits chunks take it.
+constexpr int kRowsMaxRotUnits = 4;
+constexpr int kRowsMinTokensPerSM = 32;
+
+struct RowLayout {
+  int warp_end[4] = {};   // cumulative warps per token, by UnitKind
+  int col_shift[4] = {};  // log2 of the kind's units per head
+  int heads[4] = {};      // 0: the call has no unit of that kind
+  int warps = 0;
+};
+
+// The row layout of a call, or warps == 0 when some kind's units per head is
+// not a power of two of at most 32.
+template <int N>
+RowLayout make_row_layout(const RopeKVParams& p, const UnitLayout& L) {
+  const int per_head[4] = {L.rot_units, L.rot_units, L.tail_units, L.v_units};
+  const int shift[4] = {L.rot_shift, L.rot_shift, L.tail_shift, L.v_shift};
+  const int heads[4] = {p.num_q_heads, p.num_k_heads, p.num_k_heads, p.num_v_heads};
+  RowLayout R;
+  int warps = 0;
+  for (int k = 0; k < 4; ++k) {
+    const bool present = per_head[k] > 0 && heads[k] > 0;
+    if (present && (shift[k] < 0 || per_head[k] > 32)) return RowLayout{};
+    const int rows = present ? (heads[k] * per_head[k] + 31) / 32 : 0;
+    warps += (rows + N - 1) / N;
+    R.warp_end[k] = warps;
+    R.col_shift[k] = present ? shift[k] : 0;
+    R.heads[k] = present ? heads[k] : 0;
+  }
+  R.warps = warps;
+  return R;
+}
+
+// Warp w (counted within kind K) of token t on: lane's column of the heads
+// head0, head0 + 32/P, ... (N of them, fewer at the end of the kind). The
+// same per-token work as run_plan, for N chunks at once; the CPU and the unit
+// kernel compute the same bits (the tests compare them).
+template <class T, class C, bool NEOX, int N, UnitKind K>
+__device__ __forceinline__ void run_rows(const RopeKVParams& p, const RowLayout& R, int w, int lane, int64_t t,
+                                         bool pdl) {
+  constexpr int W = chunk_elems<T, NEOX, true>();
+  constexpr bool kQ = K == UnitKind::q_rot, kTail = K == UnitKind::k_tail, kV = K == UnitKind::v;
+  constexpr bool kRotates = K == UnitKind::q_rot || K == UnitKind::k_rot;
+  const bool writes = !kQ && p.write_cache;
+  TokenIndex ix;
+  if (!pdl) ix = load_token_index(p, kRotates, writes, t);
+  const TokenTensor& x = kQ ? p.q : kV ? p.v : p.k;
+  const CacheTensor& cache = kV ? p.v_cache : p.k_cache;
+  const Scale& scale_of = kV ? p.v_scale : p.k_scale;
+  const int col_shift = R.col_shift[int(K)];
+  const int head_shift = 5 - col_shift;  // log2 of heads per row
+  const int head0 = ((w * N) << head_shift) + (lane >> col_shift);
+  const int j = lane & ((1 << col_shift) - 1);
+  const int heads = R.heads[int(K)];
+  const int valid = head0 < heads ? min(N, ((heads - 1 - head0) >> head_shift) + 1) : 0;
+  const int d = (kTail ? p.rot_dim : 0) + j * W;
+  T* const x0 = static_cast<T*>(x.ptr) + head0 * x.head_stride + d;
+  const int64_t x_step = x.head_stride << head_shift;
+  C* const c0 = writes ? static_cast<C*>(cache.ptr) + head0 * cache.head_stride + d : nullptr;
+  const int64_t c_step = cache.head_stride << head_shift;
+  const int cs_col = NEOX ? j * W : j * W / 2;
+  const int half = p.rot_dim / 2;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  if (pdl) ix = load_token_index(p, kRotates, writes, t);
+  float scale[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    scale[k] = scale_of.value;
+    if (!std::is_same_v<T, C> && writes && k < valid && scale_of.ptr)
+      scale[k] = scale_of.ptr[(head0 + (k << head_shift)) * scale_of.head_stride];
+  }
+  const int64_t num_slots = p.k_cache.num_slots < p.v_cache.num_slots ? p.k_cache.num_slots : p.v_cache.num_slots;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.y;
+#pragma unroll 1
+  for (;;) {
+    T* const xt = x0 + t * x.token_stride;
+    Chunk<T, W> lo[N], hi[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if (k < valid) {
+        lo[k] = load_chunk<T, W, true>(xt + k * x_step);
+        if constexpr (kRotates && NEOX) hi[k] = load_chunk<T, W, true>(xt + k * x_step + half);
+      }
+    }
+    if constexpr (kRotates) {
+      if (ix.pos >= 0 && ix.pos < p.max_pos) {
+        const CosSin<NEOX, W> cs = load_cos_sin_pairs<NEOX, W>(p, ix.pos * p.rot_dim + cs_col);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          if (k < valid) {
+            rotate_chunk<T, NEOX, W>(cs, lo[k], hi[k]);
+            store_chunk<T, W, true>(xt + k * x_step, lo[k]);
+            if constexpr (NEOX) store_chunk<T, W, true>(xt + k * x_step + half, hi[k]);
+          }
+        }
+      }
+    }
+    if (writes && ix.slot >= 0 && ix.slot < num_slots) {
+      C* const dst = c0 + slot_offset(ix.slot, cache.page_stride, cache.slot_stride, cache.page_size);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        if (k < valid) {
+          const CacheScale sc = std::is_same_v<T, C> ? CacheScale{} : cache_scale(scale[k]);
+          write_cache_chunk<T, C, W, true, true>(dst + k * c_step, sc, lo[k]);
+          if constexpr (kRotates && NEOX) write_cache_chunk<T, C, W, true, true>(dst + k * c_step + half, sc, hi[k]);
+        }
+      }
+    }
+    t += stride;
+    if (t >= p.num_tokens) break;
+    ix = load_token_index(p, kRotates, writes, t);
+  }
+}
+
+// threadIdx.x / 32 and blockIdx.y pick the warp of a token, threadIdx.y and
+// blockIdx.x the first token (as rope_kv_kernel). The kind is the same for a
+// whole warp by construction. Up to 128 registers: N chunks (and their NeoX
+// partners) stay in registers across the loads.
+template <class T, class C, bool NEOX, int N>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock, 1)
+    rope_kv_rows_kernel(const RopeKVParams p, const RowLayout R, bool pdl) {
+  const int w = int(blockIdx.y * (blockDim.x / 32) + threadIdx.x / 32);
+  const int lane = int(threadIdx.x % 32);
+  const int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (w >= R.warps || t >= p.num_tokens) return;
+  if (w < R.warp_end[0]) return run_rows<T, C, NEOX, N, UnitKind::q_rot>(p, R, w, lane, t, pdl);
+  if (w < R.warp_end[1]) return run_rows<T, C, NEOX, N, UnitKind::k_rot>(p, R, w - R.warp_end[0], lane, t, pdl);
+  if (w < R.warp_end[2]) return run_rows<T, C, NEOX, N, UnitKind::k_tail>(p, R, w - R.warp_end[1], lane, t, pdl);
+  run_rows<T, C, NEOX, N, UnitKind::v>(p, R, w - R.warp_end[2], lane, t, pdl);
+}
+
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("ropekv: ") + what + ": " + cudaGetErrorString(err));
@@ -94,19 +237,18 @@ int sm_count(int device) {
 
 // Blocks of `threads` threads of one kernel that one SM holds (registers are
 // usually the limit), computed once per kernel, block size and device. The
-// cache is keyed by the kernel's template arguments: every instantiation has
-// the same function pointer type, so a cache keyed by that type would hand
-// one kernel's occupancy to another (benchmarks/NOTES.md, v8: fp8 store_kv at
+// cache is keyed by the kernel itself: every instantiation has the same
+// function pointer type, so a cache keyed by that type would hand one
+// kernel's occupancy to another (benchmarks/NOTES.md, v8: fp8 store_kv at
 // 32768 tokens took 103.8 µs with the shared cache, 79.0 µs without).
-template <class T, class C, bool NEOX, bool WIDE, bool ROT>
+template <auto Kernel>
 int blocks_per_sm(int threads, int device) {
   static std::atomic<int> cached[kMaxDevices][kMaxThreadsPerBlock / 32 + 1] = {};
   const int w = (threads + 31) / 32;
   if (device < 0 || device >= kMaxDevices || w > kMaxThreadsPerBlock / 32) return 1;
   int n = cached[device][w].load(std::memory_order_relaxed);
   if (n == 0) {
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, rope_kv_kernel<T, C, NEOX, WIDE, ROT>, threads, 0),
-          "reading the occupancy");
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, threads, 0), "reading the occupancy");
     n = std::max(n, 1);
     cached[device][w].store(n, std::memory_order_relaxed);
   }
@@ -138,6 +280,22 @@ LaunchShape launch_shape(int units, int64_t tokens, int sms, int max_units_per_b
   return s;
 }
 
+// Launches kernel(args...) with the shape, on the stream, with programmatic
+// dependent launch when asked.
+template <class Kernel, class... Args>
+void launch(Kernel kernel, const LaunchShape& shape, uintptr_t stream, bool enable_pdl, const Args&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = shape.grid;
+  config.blockDim = shape.block;
+  config.stream = reinterpret_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = enable_pdl ? 1 : 0;
+  check(cudaLaunchKernelEx(&config, kernel, args...), "kernel launch");
+}
+
 }  // namespace
 
 void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, uintptr_t stream,
@@ -156,20 +314,26 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
     constexpr bool ROT = decltype(r)::value;
     const UnitLayout L = make_layout<T, NEOX, WIDE>(p);
     if (L.total == 0) return;
-    auto kernel = rope_kv_kernel<T, C, NEOX, WIDE, ROT>;
+    if constexpr (ROT && WIDE) {
+      // Two rows per warp into a cache of the input dtype, four into an fp8
+      // one (measured best for each, benchmarks/NOTES.md, v10).
+      constexpr int N = std::is_same_v<T, C> ? 2 : 4;
+      if (p.num_tokens >= int64_t(kRowsMinTokensPerSM) * sms && L.rot_units <= kRowsMaxRotUnits) {
+        const RowLayout R = make_row_layout<N>(p, L);
+        if (R.warps > 0) {
+          constexpr auto kernel = rope_kv_rows_kernel<T, C, NEOX, N>;
+          const LaunchShape shape = launch_shape(R.warps * 32, p.num_tokens, sms, kMaxThreadsPerBlock, kMaxThreadsPerBlock,
+                                                 [&](int threads) { return blocks_per_sm<kernel>(threads, device); });
+          launch(kernel, shape, stream, enable_pdl, p, R, enable_pdl);
+          return;
+        }
+      }
+    }
+    constexpr auto kernel = rope_kv_kernel<T, C, NEOX, WIDE, ROT>;
     const LaunchShape shape = launch_shape(L.total, p.num_tokens, sms, kMaxThreadsPerBlock,
                                            ROT ? kSmallCallThreadsPerBlock : kMaxThreadsPerBlock,
-                                           [&](int threads) { return blocks_per_sm<T, C, NEOX, WIDE, ROT>(threads, device); });
-    cudaLaunchConfig_t config = {};
-    config.gridDim = shape.grid;
-    config.blockDim = shape.block;
-    config.stream = reinterpret_cast<cudaStream_t>(stream);
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attr;
-    config.numAttrs = enable_pdl ? 1 : 0;
-    check(cudaLaunchKernelEx(&config, kernel, p, L, enable_pdl), "kernel launch");
+                                           [&](int threads) { return blocks_per_sm<kernel>(threads, device); });
+    launch(kernel, shape, stream, enable_pdl, p, L, enable_pdl);
   });
   if (current != device) check(cudaSetDevice(current), "cudaSetDevice");
 }

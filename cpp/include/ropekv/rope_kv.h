@@ -381,22 +381,34 @@ ROPEKV_HD TokenIndex load_token_index(const RopeKVParams& p, bool rotates, bool 
   return ix;
 }
 
-// Rotates a chunk in registers with the cos/sin values of element `row` of the
-// table on. NeoX: lo holds elements [c, c+W) of the rotated part and hi their
-// partners R/2 further on. Interleaved: lo holds W/2 adjacent pairs.
-template <class T, bool NEOX, int W>
-ROPEKV_HD void rotate_chunk(const RopeKVParams& p, int64_t row, Chunk<T, W>& lo, Chunk<T, W>& hi) {
-  using E = Elem<T>;
-  constexpr int kPairs = NEOX ? W : W / 2;
+// The cos/sin values a chunk of a rotated head needs: kPairs cosines from
+// element `row` of the table on and the matching sines half a row further.
+template <bool NEOX, int W>
+struct CosSin {
+  static constexpr int kPairs = NEOX ? W : W / 2;
   float c[kPairs], s[kPairs];
-  load_cos_sin_run<kPairs>(p, row, c);
-  load_cos_sin_run<kPairs>(p, row + p.rot_dim / 2, s);
+};
+
+template <bool NEOX, int W>
+ROPEKV_HD CosSin<NEOX, W> load_cos_sin_pairs(const RopeKVParams& p, int64_t row) {
+  CosSin<NEOX, W> cs;
+  load_cos_sin_run<CosSin<NEOX, W>::kPairs>(p, row, cs.c);
+  load_cos_sin_run<CosSin<NEOX, W>::kPairs>(p, row + p.rot_dim / 2, cs.s);
+  return cs;
+}
+
+// Rotates a chunk in registers. NeoX: lo holds elements [c, c+W) of the
+// rotated part and hi their partners R/2 further on. Interleaved: lo holds
+// W/2 adjacent pairs.
+template <class T, bool NEOX, int W>
+ROPEKV_HD void rotate_chunk(const CosSin<NEOX, W>& cs, Chunk<T, W>& lo, Chunk<T, W>& hi) {
+  using E = Elem<T>;
 #pragma unroll
-  for (int i = 0; i < kPairs; ++i) {
+  for (int i = 0; i < CosSin<NEOX, W>::kPairs; ++i) {
     T& a = NEOX ? lo.e[i] : lo.e[2 * i];
     T& b = NEOX ? hi.e[i] : lo.e[2 * i + 1];
     float ra, rb;
-    rotate_pair(E::load(a), E::load(b), c[i], s[i], ra, rb);
+    rotate_pair(E::load(a), E::load(b), cs.c[i], cs.s[i], ra, rb);
     a = E::store(ra);
     b = E::store(rb);
   }
@@ -417,7 +429,7 @@ ROPEKV_HD void run_plan(const RopeKVParams& p, const UnitPlan<T, C>& u, int64_t 
   if (ROT && u.rotate) {
     if constexpr (NEOX) hi = load_chunk<T, W, WIDE>(x + half);
     if (ix.pos >= 0 && ix.pos < p.max_pos) {
-      rotate_chunk<T, NEOX, W>(p, ix.pos * p.rot_dim + u.cs_col, lo, hi);
+      rotate_chunk<T, NEOX, W>(load_cos_sin_pairs<NEOX, W>(p, ix.pos * p.rot_dim + u.cs_col), lo, hi);
       store_chunk<T, W, WIDE>(x, lo);
       if constexpr (NEOX) store_chunk<T, W, WIDE>(x + half, hi);
     }
