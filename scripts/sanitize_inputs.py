@@ -4,7 +4,9 @@
 Calls every entry point (store_kv, RoPE alone, RoPE fused with the cache write,
 rope_and_store) on bf16 and fp8 caches, flat, 2-D and paged, with int32 and
 int64 indices, passing slots >= S, slots < 0 and positions past the end of the
-cos/sin cache (and before its start). SPEC.md: such a slot is skipped, such a
+cos/sin cache (and before its start); small calls, and calls of thousands of
+tokens with narrow heads (the CUDA row kernel), whose outputs are compared with
+the CPU backend's. SPEC.md: such a slot is skipped, such a
 token is left unrotated, and nothing outside the caches or the cos/sin cache is
 read or written.
 
@@ -152,6 +154,53 @@ def run_case(c: Checker, device, index_dtype, cache_dtype, layout, api, hk, d, h
     c.expect(same_bits(v, v0), f"{what}: value changed")
 
 
+def run_rows_case(c: Checker, device, index_dtype, cache_dtype, layout, api, hq, d, rot, dv, seed):
+    """A call large enough for the CUDA row kernel (at least 32 tokens per SM, narrow
+    heads), with bad slots and positions spread over it; every output compared bit
+    for bit with the same call on the CPU backend."""
+    g = torch.Generator().manual_seed(seed)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    n, hk, hv, page, max_pos = 32 * sms + 37, 8, 8, 16, 4096
+    slots = (n + 64 + page - 1) // page * page
+    loc = torch.randperm(slots, generator=g)[:n]
+    pos = torch.randint(0, max_pos, (n,), generator=g)
+    for i, bad in enumerate(bad_slots(index_dtype, slots)):
+        loc[(97 * i + 5) % n] = bad
+    for i, bad in enumerate(bad_positions(index_dtype, max_pos)):
+        pos[(89 * i + 11) % n] = bad
+    qkv = torch.randn(n, (hq + hk) * d + hv * dv, generator=g).to(BF16)
+    shape_k = (slots // page, page, hk, d) if layout == "paged" else (slots, hk, d)
+    shape_v = (slots // page, page, hv, dv) if layout == "paged" else (slots, hv, dv)
+    k_cache, v_cache = (2 * torch.randn(*shape_k, generator=g)).to(cache_dtype), (2 * torch.randn(*shape_v, generator=g)).to(cache_dtype)
+    fp8 = cache_dtype in FP8_MAX
+    inputs = dict(qkv=qkv, k_cache=k_cache, v_cache=v_cache, loc=loc.to(index_dtype), pos=pos.to(index_dtype),
+                  cs=cos_sin_cache(max_pos, rot, "cpu"), k_scale=torch.full((hk,), 0.5) if fp8 else None)
+    results = []
+    for dev in (device, torch.device("cpu")):
+        x = {key: (t.to(dev) if t is not None else None) for key, t in inputs.items()}
+        qkv_d = x["qkv"]
+        q, k, v = qkv_d[:, : hq * d], qkv_d[:, hq * d : (hq + hk) * d], qkv_d[:, (hq + hk) * d :]
+        v_scale = 2.0 if fp8 else None
+        if api == "rope":
+            ropekv.apply_rope_with_cos_sin_cache_inplace(x["pos"], q, k, d, x["cs"], True)
+        elif api == "fused":
+            arg = ropekv.FusedSetKVBufferArg(value=v, k_buffer=x["k_cache"], v_buffer=x["v_cache"],
+                                             k_scale=x["k_scale"], v_scale=v_scale, cache_loc=x["loc"])
+            ropekv.apply_rope_with_cos_sin_cache_inplace(x["pos"], q, k, d, x["cs"], True, arg)
+        else:
+            ropekv.rope_and_store(x["pos"], q, k, x["cs"], head_size=d, v=v, k_cache=x["k_cache"],
+                                  v_cache=x["v_cache"], loc=x["loc"], k_scale=x["k_scale"], v_scale=v_scale)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        results.append([x[key].cpu() for key in ("qkv", "k_cache", "v_cache")])
+        if device.type == "cpu":
+            break
+    c.calls += 1
+    what = f"rows {api} {layout} cache {cache_dtype} index {index_dtype} T={n} Hq={hq} D={d} R={rot} Dv={dv}"
+    for name, a, b in zip(("q/k/v", "k_cache", "v_cache"), results[0], results[-1]):
+        c.expect(same_bits(a, b), f"{what}: {name} differs from the CPU backend")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -173,6 +222,16 @@ def main() -> int:
                     for hk, d, hv, dv, rot in heads:
                         seed += 1
                         run_case(c, device, index_dtype, cache_dtype, layout, api, hk, d, hv, dv, rot, seed)
+    # Large calls with narrow heads (the CUDA row kernel): full and partial rotation.
+    for index_dtype in (torch.int32, torch.int64):
+        for cache_dtype in (BF16, E4M3):
+            for layout in ("3d", "paged"):
+                for api in ("rope", "fused", "native"):
+                    if api == "rope" and (cache_dtype != BF16 or layout != "3d"):
+                        continue
+                    for hq, d, rot, dv in ((64, 64, 64, 64), (16, 128, 64, 32)):
+                        seed += 1
+                        run_rows_case(c, device, index_dtype, cache_dtype, layout, api, hq, d, rot, dv, seed)
     if c.failures:
         for f in c.failures[:20]:
             print("FAIL", f)

@@ -82,8 +82,10 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
 // heads. Measured (benchmarks/NOTES.md, v10): gpt-oss shape (head 64) fused at
 // 32768 tokens 260.6 -> 247.5 µs with N = 2 (bf16 cache) and 270.9 -> 239.2 µs
 // with N = 4 (fp8 cache); with head 128 (Llama) 318.2 -> 325-330, slower, and
-// below about 2048 tokens slower for both. So only large calls whose rotated
-// half is at most kRowsMaxRotUnits chunks take it.
+// below about 2048 tokens slower for both. So only large calls that write the
+// cache and whose rotated half is at most kRowsMaxRotUnits chunks take it: RoPE
+// alone in the gpt-oss shape ran slower in it (208.8 -> 216.9 µs at 32768
+// tokens, v10).
 constexpr int kRowsMaxRotUnits = 4;
 constexpr int kRowsMinTokensPerSM = 32;
 
@@ -318,7 +320,7 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
       // Two rows per warp into a cache of the input dtype, four into an fp8
       // one (measured best for each, benchmarks/NOTES.md, v10).
       constexpr int N = std::is_same_v<T, C> ? 2 : 4;
-      if (p.num_tokens >= int64_t(kRowsMinTokensPerSM) * sms && L.rot_units <= kRowsMaxRotUnits) {
+      if (p.write_cache && p.num_tokens >= int64_t(kRowsMinTokensPerSM) * sms && L.rot_units <= kRowsMaxRotUnits) {
         const RowLayout R = make_row_layout<N>(p, L);
         if (R.warps > 0) {
           constexpr auto kernel = rope_kv_rows_kernel<T, C, NEOX, N>;
