@@ -222,7 +222,7 @@ def main() -> int:
                     for hk, d, hv, dv, rot in heads:
                         seed += 1
                         run_case(c, device, index_dtype, cache_dtype, layout, api, hk, d, hv, dv, rot, seed)
-    # Large calls with narrow heads (the CUDA row kernel): full and partial rotation.
+    # Large calls with narrow heads (the CUDA row kernel when they write the cache): full and partial rotation.
     for index_dtype in (torch.int32, torch.int64):
         for cache_dtype in (BF16, E4M3):
             for layout in ("3d", "paged"):
