@@ -303,6 +303,8 @@ CASES = [
     ("scale-huge-int", lambda t: store8(t, v_scale=10**400), ValueError, "v_scale"),
     # --- store_kv: mixed devices (meta next to CPU tensors, CPU next to CUDA ones) ---
     ("v-other-device", lambda t: store(t, v=t["v"].to(t["_other"])), ValueError, "v"),
+    # k is the tensor the others are compared with: when it is the odd one, the message names it too.
+    ("k-other-device", lambda t: store(t, k=t["k"].to(t["_other"])), ValueError, ("k", "v")),
     ("k-cache-other-device", lambda t: store(t, k_cache=t["k_cache"].to(t["_other"])), ValueError, "k_cache"),
     ("v-cache-other-device", lambda t: store(t, v_cache=t["v_cache"].to(t["_other"])), ValueError, "v_cache"),
     ("loc-other-device", lambda t: store(t, loc=t["loc"].to(t["_other"])), ValueError, "loc"),
@@ -358,6 +360,8 @@ CASES = [
     ("rope-query-other-device", lambda t: rope_only(t, query=t["q"].to(t["_other"])), ValueError, "query"),
     ("rope-cos-sin-other-device", lambda t: rope_only(t, cos_sin_cache=t["cs"].to(t["_other"])), ValueError, "cos_sin_cache"),
     ("rope-positions-other-device", lambda t: rope_only(t, positions=t["pos"].to(t["_other"])), ValueError, "positions"),
+    ("rope-key-other-device", lambda t: rope_only(t, key=t["k"].to(t["_other"])), ValueError, "key"),
+    ("fused-key-other-device", lambda t: rope(t, key=t["k"].to(t["_other"])), ValueError, "key"),
     ("rope-check-positions", lambda t: rope(t, positions=torch.tensor([0, 1, 32, 2], device=dev(t)), check=True), IndexError, "positions[2] = 32"),
     # --- RoPE fused with the cache write ---
     ("fused-arg-dict", lambda t: rope(t, fused_set_kv_buffer_arg=dict(value=t["v"])), TypeError, "fused_set_kv_buffer_arg"),

@@ -165,7 +165,7 @@ def infer_heads(name: str, t: torch.Tensor, cache_name: str, cache: torch.Tensor
     return 1, width, ""
 
 
-def index_tensor(name: str, t, num_tokens: int, device: torch.device) -> torch.Tensor:
+def index_tensor(name: str, t, num_tokens: int, ref_name: str, device: torch.device) -> torch.Tensor:
     _require_tensor(name, t)
     if t.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
@@ -174,13 +174,13 @@ def index_tensor(name: str, t, num_tokens: int, device: torch.device) -> torch.T
     if t.shape[0] != num_tokens:
         raise ValueError(f"{name} has {t.shape[0]} entries but there are {num_tokens} tokens (shape {_shape(t)})")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, the other tensors on {device}")
+        raise _device_error(name, t, ref_name, device)
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got strides {tuple(t.stride())}")
     return t
 
 
-def scale_arg(name: str, s, heads: int, device: torch.device) -> Tuple[Optional[torch.Tensor], float]:
+def scale_arg(name: str, s, heads: int, ref_name: str, device: torch.device) -> Tuple[Optional[torch.Tensor], float]:
     """(tensor or None, value) for a scale given as None, a number or an fp32 tensor."""
     if s is None:
         return None, 1.0
@@ -193,7 +193,7 @@ def scale_arg(name: str, s, heads: int, device: torch.device) -> Tuple[Optional[
         if s.numel() not in (1, heads) or s.dim() > 1:
             raise ValueError(f"{name} must hold 1 or {heads} (one per head) values, got shape {_shape(s)}")
         if s.device != device:
-            raise ValueError(f"{name} is on {s.device}, the cache on {device}")
+            raise _device_error(name, s, ref_name, device)
         if s.numel() > 1 and not s.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
         return s.reshape(-1), 1.0
@@ -218,10 +218,15 @@ def _no_shared_elements(name: str, t: torch.Tensor) -> None:
         )
 
 
-def _same_device(device: torch.device, **tensors) -> None:
+def _device_error(name: str, t: torch.Tensor, ref_name: str, device: torch.device) -> ValueError:
+    # Both names: the reference tensor may be the odd one out.
+    return ValueError(f"{name} is on {t.device} but {ref_name} is on {device}; every tensor of a call must be on one device")
+
+
+def _same_device(ref_name: str, device: torch.device, **tensors) -> None:
     for name, t in tensors.items():
         if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, the other tensors on {device}")
+            raise _device_error(name, t, ref_name, device)
 
 
 def cache_write(plan: Plan, v, k_cache, v_cache, loc, k_scale, v_scale, names) -> None:
@@ -246,7 +251,7 @@ def cache_write(plan: Plan, v, k_cache, v_cache, loc, k_scale, v_scale, names) -
             )
     if k_cache.dtype != v_cache.dtype:
         raise TypeError(f"{names['k_cache']} is {k_cache.dtype} but {names['v_cache']} is {v_cache.dtype}; they must match")
-    _same_device(device, **{names["v"]: v, names["k_cache"]: k_cache, names["v_cache"]: v_cache})
+    _same_device(names["k"], device, **{names["v"]: v, names["k_cache"]: k_cache, names["v_cache"]: v_cache})
     hv, dv, source = infer_heads(names["v"], v, names["v_cache"], v_cache, v_scale)
     v3 = token_heads(names["v"], v, hv, dv, source)
     if v3.shape[0] != k.shape[0]:
@@ -260,12 +265,12 @@ def cache_write(plan: Plan, v, k_cache, v_cache, loc, k_scale, v_scale, names) -
         raise ValueError(
             f"{names['k_cache']} ({_shape(k_cache)}) and {names['v_cache']} ({_shape(v_cache)}) hold different numbers of slots"
         )
-    plan.loc = index_tensor(names["loc"], loc, k.shape[0], device)
+    plan.loc = index_tensor(names["loc"], loc, k.shape[0], names["k"], device)
     plan.loc_name = names["loc"]
     plan.v, plan.k_cache, plan.v_cache, plan.cache_dtype = v3, kc, vc, k_cache.dtype
     plan.given.update(v=v, k_cache=k_cache, v_cache=v_cache)
-    plan.k_scale, plan.k_scale_value = scale_arg(names["k_scale"], k_scale, hk, device)
-    plan.v_scale, plan.v_scale_value = scale_arg(names["v_scale"], v_scale, hv, device)
+    plan.k_scale, plan.k_scale_value = scale_arg(names["k_scale"], k_scale, hk, names["k"], device)
+    plan.v_scale, plan.v_scale_value = scale_arg(names["v_scale"], v_scale, hv, names["k"], device)
 
 
 STORE_NAMES = dict(k="k", v="v", k_cache="k_cache", v_cache="v_cache", loc="loc", k_scale="k_scale", v_scale="v_scale")
@@ -300,10 +305,10 @@ def plan_rope(positions, query, key, head_size, cos_sin_cache, is_neox, check, n
     if cos_sin_cache.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{names['cos_sin_cache']} must be {_FLOAT_NAMES}, got {cos_sin_cache.dtype}")
     device = key.device
-    _same_device(device, **{names["cos_sin_cache"]: cos_sin_cache})
+    _same_device(names["k"], device, **{names["cos_sin_cache"]: cos_sin_cache})
     q3 = None
     if query is not None:
-        _same_device(device, **{names["q"]: query})
+        _same_device(names["k"], device, **{names["q"]: query})
         q3 = token_heads(names["q"], query, _heads(names["q"], query, head_size), head_size)
     k3 = token_heads(names["k"], key, _heads(names["k"], key, head_size), head_size)
     _no_shared_elements(names["k"], key)
@@ -324,7 +329,7 @@ def plan_rope(positions, query, key, head_size, cos_sin_cache, is_neox, check, n
         )
     if not isinstance(is_neox, (bool, int)):
         raise TypeError(f"is_neox must be a bool, got {type(is_neox).__name__}")
-    pos = index_tensor(names["positions"], positions, k3.shape[0], device)
+    pos = index_tensor(names["positions"], positions, k3.shape[0], names["k"], device)
     return Plan(k=k3, q=q3, positions=pos, cos_sin=cos_sin_cache, rot_dim=rot_dim, neox=bool(is_neox),
                 check=check_mode(check), positions_name=names["positions"], given=dict(q=query, k=key))
 
