@@ -159,7 +159,6 @@ __device__ __forceinline__ void run_rows(const RopeKVParams& p, const RowLayout&
     if (!std::is_same_v<T, C> && writes && k < valid && scale_of.ptr)
       scale[k] = scale_of.ptr[(head0 + (k << head_shift)) * scale_of.head_stride];
   }
-  const int64_t num_slots = p.k_cache.num_slots < p.v_cache.num_slots ? p.k_cache.num_slots : p.v_cache.num_slots;
   const int64_t stride = int64_t(gridDim.x) * blockDim.y;
 #pragma unroll 1
   for (;;) {
@@ -173,7 +172,7 @@ __device__ __forceinline__ void run_rows(const RopeKVParams& p, const RowLayout&
       }
     }
     if constexpr (kRotates) {
-      if (ix.pos >= 0 && ix.pos < p.max_pos) {
+      if (rotates_at(p, ix.pos)) {
         const CosSin<NEOX, W> cs = load_cos_sin_pairs<NEOX, W>(p, ix.pos * p.rot_dim + cs_col);
 #pragma unroll
         for (int k = 0; k < N; ++k) {
@@ -185,7 +184,7 @@ __device__ __forceinline__ void run_rows(const RopeKVParams& p, const RowLayout&
         }
       }
     }
-    if (writes && ix.slot >= 0 && ix.slot < num_slots) {
+    if (writes && writes_slot(p, ix.slot)) {
       C* const dst = c0 + slot_offset(ix.slot, cache.page_stride, cache.slot_stride, cache.page_size);
 #pragma unroll
       for (int k = 0; k < N; ++k) {

@@ -374,6 +374,16 @@ struct TokenIndex {
   int64_t pos = 0;
 };
 
+// SPEC.md: a token whose position is outside [0, max_pos) is left unrotated
+// (and nothing outside the cos/sin table is read); a slot outside [0, S) is not
+// written, S being the slots both caches hold.
+ROPEKV_HD bool rotates_at(const RopeKVParams& p, int64_t pos) { return pos >= 0 && pos < p.max_pos; }
+
+ROPEKV_HD bool writes_slot(const RopeKVParams& p, int64_t slot) {
+  const int64_t slots = p.k_cache.num_slots < p.v_cache.num_slots ? p.k_cache.num_slots : p.v_cache.num_slots;
+  return slot >= 0 && slot < slots;
+}
+
 ROPEKV_HD TokenIndex load_token_index(const RopeKVParams& p, bool rotates, bool writes, int64_t t) {
   TokenIndex ix;
   if (writes) ix.slot = load_index(p.loc, p.loc_i64, t);
@@ -428,14 +438,13 @@ ROPEKV_HD void run_plan(const RopeKVParams& p, const UnitPlan<T, C>& u, int64_t 
   Chunk<T, W> lo = load_chunk<T, W, WIDE>(x), hi;
   if (ROT && u.rotate) {
     if constexpr (NEOX) hi = load_chunk<T, W, WIDE>(x + half);
-    if (ix.pos >= 0 && ix.pos < p.max_pos) {
+    if (rotates_at(p, ix.pos)) {
       rotate_chunk<T, NEOX, W>(load_cos_sin_pairs<NEOX, W>(p, ix.pos * p.rot_dim + u.cs_col), lo, hi);
       store_chunk<T, W, WIDE>(x, lo);
       if constexpr (NEOX) store_chunk<T, W, WIDE>(x + half, hi);
     }
   }
-  const int64_t num_slots = p.k_cache.num_slots < p.v_cache.num_slots ? p.k_cache.num_slots : p.v_cache.num_slots;
-  if (u.cache && ix.slot >= 0 && ix.slot < num_slots) {
+  if (u.cache && writes_slot(p, ix.slot)) {
     C* dst = u.cache + slot_offset(ix.slot, u.page_stride, u.slot_stride, u.page_size);
     const CacheScale scale = std::is_same_v<T, C> ? CacheScale{} : cache_scale(u.scale);
     write_cache_chunk<T, C, W, WIDE, ROT>(dst, scale, lo);
