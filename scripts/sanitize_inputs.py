@@ -5,8 +5,8 @@ Calls every entry point (store_kv, RoPE alone, RoPE fused with the cache write,
 rope_and_store) on bf16 and fp8 caches, flat, 2-D and paged, with int32 and
 int64 indices, passing slots >= S, slots < 0 and positions past the end of the
 cos/sin cache (and before its start); small calls, and calls of thousands of
-tokens with narrow heads (the CUDA row kernel), whose outputs are compared with
-the CPU backend's. SPEC.md: such a slot is skipped, such a
+tokens (the CUDA row kernel for narrow heads; store_kv), whose outputs are
+compared with the CPU backend's. SPEC.md: such a slot is skipped, such a
 token is left unrotated, and nothing outside the caches or the cos/sin cache is
 read or written.
 
@@ -156,8 +156,8 @@ def run_case(c: Checker, device, index_dtype, cache_dtype, layout, api, hk, d, h
 
 def run_rows_case(c: Checker, device, index_dtype, cache_dtype, layout, api, hq, d, rot, dv, seed):
     """A call large enough for the CUDA row kernel (at least 32 tokens per SM, narrow
-    heads), with bad slots and positions spread over it; every output compared bit
-    for bit with the same call on the CPU backend."""
+    heads; store_kv too), with bad slots and positions spread over it; every output
+    compared bit for bit with the same call on the CPU backend."""
     g = torch.Generator().manual_seed(seed)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     n, hk, hv, page, max_pos = 32 * sms + 37, 8, 8, 16, 4096
@@ -183,6 +183,8 @@ def run_rows_case(c: Checker, device, index_dtype, cache_dtype, layout, api, hq,
         v_scale = 2.0 if fp8 else None
         if api == "rope":
             ropekv.apply_rope_with_cos_sin_cache_inplace(x["pos"], q, k, d, x["cs"], True)
+        elif api == "store":
+            ropekv.store_kv(k, v, x["k_cache"], x["v_cache"], x["loc"], k_scale=x["k_scale"], v_scale=v_scale)
         elif api == "fused":
             arg = ropekv.FusedSetKVBufferArg(value=v, k_buffer=x["k_cache"], v_buffer=x["v_cache"],
                                              k_scale=x["k_scale"], v_scale=v_scale, cache_loc=x["loc"])
@@ -222,11 +224,12 @@ def main() -> int:
                     for hk, d, hv, dv, rot in heads:
                         seed += 1
                         run_case(c, device, index_dtype, cache_dtype, layout, api, hk, d, hv, dv, rot, seed)
-    # Large calls with narrow heads (the CUDA row kernel when they write the cache): full and partial rotation.
+    # Large calls: narrow heads (the CUDA row kernel when they rotate and write the
+    # cache), full and partial rotation; store_kv.
     for index_dtype in (torch.int32, torch.int64):
         for cache_dtype in (BF16, E4M3):
             for layout in ("3d", "paged"):
-                for api in ("rope", "fused", "native"):
+                for api in ("rope", "fused", "native", "store"):
                     if api == "rope" and (cache_dtype != BF16 or layout != "3d"):
                         continue
                     for hq, d, rot, dv in ((64, 64, 64, 64), (16, 128, 64, 32)):

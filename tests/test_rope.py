@@ -204,6 +204,28 @@ def test_out_of_range_positions_leave_token_unrotated(backend):
     assert torch.equal(q[0], q0[0]) and torch.equal(q[2], q0[2]) and not torch.equal(q[1], q0[1])
 
 
+@pytest.mark.parametrize("T", [1, 29, 40])
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["bf16-cache", "e4m3-cache"])
+@pytest.mark.parametrize("loc_dtype", [None, torch.int32, torch.int64], ids=["rope", "loc32", "loc64"])
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64], ids=["pos32", "pos64"])
+def test_every_pairing_of_index_dtypes(backend, pos_dtype, loc_dtype, cache_dtype, T):
+    """Rotating CUDA calls of up to 32 tokens run a kernel compiled for their
+    index dtype, or one that reads each index as its dtype says for a mixed
+    pair; larger calls always the latter. Each pairing, at both sizes, with
+    positions outside the table and padding and out-of-range slots among the
+    tokens."""
+    kv = None
+    if loc_dtype is not None:
+        kv = KVCase(T=T, hk=2, dk=128, hv=2, dv=128, dtype=torch.bfloat16, cache_dtype=cache_dtype,
+                    input_layout="qkv", cache_layout="3d", page_size=1, index_dtype=loc_dtype,
+                    k_scale="tensor" if cache_dtype else "none", v_scale="float" if cache_dtype else "none",
+                    pad_frac=0.2, oob_frac=0.1, seed=5)
+    case = RopeCase(T=T, hq=4, hk=2, head_size=128, rot_dim=128, neox=True, dtype=torch.bfloat16,
+                    cos_sin_dtype=torch.float32, layout="qkv", index_dtype=pos_dtype, max_pos=512,
+                    bad_pos_frac=0.1, kv=kv, seed=11)
+    run_rope_case(case, backend[1])
+
+
 # ---- large calls with narrow heads (the CUDA row kernel) ----------------------
 
 def row_kernel_min_tokens() -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -33,6 +35,13 @@ def test_store_kv_matches_reference(backend, case):
 @given(case=kv_cases(max_tokens=8, max_heads=2, max_dim=16))
 def test_store_kv_small_shapes(backend, case):
     run_store_case(case, backend[1])
+
+
+@given(case=kv_cases(max_tokens=0), extra=st.integers(0, 200))
+def test_store_kv_hundreds_of_tokens(backend, case, extra):
+    """Every layout, dtype and scale at 128 to 328 tokens (more than one token per
+    SM on an H100, so GPU blocks stack tokens and threads loop over them)."""
+    run_store_case(dataclasses.replace(case, T=128 + extra), backend[1])
 
 
 def test_store_kv_padding_outside_views_untouched(backend):

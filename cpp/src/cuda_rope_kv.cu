@@ -22,6 +22,12 @@ constexpr int kMaxThreadsPerBlock = 512;
 // measurements disagreed between kernel versions and are level on this one
 // (1.90 split, 1.91 whole on the H100): they keep whole blocks.
 constexpr int kSmallCallThreadsPerBlock = 64;
+// Calls that rotate, on the wide path, of at most this many tokens run a kernel
+// compiled for their index dtype: 1-32 tokens 0.10-0.20 µs faster than with the
+// dtype tested per load, 128 tokens up to 0.15 µs slower, larger calls level
+// (benchmarks/NOTES.md, v12). Larger calls, the narrow path and store_kv (no
+// faster with it; 32768 tokens 1% slower) test it per load.
+constexpr int64_t kTypedIndexMaxTokens = 32;
 // Tokens are stacked in a block until it has at least this many threads.
 constexpr int kMinThreadsPerBlock = 128;
 // At most 64 registers, so that an SM holds at least 1024 threads.
@@ -34,12 +40,12 @@ constexpr int kMinBlocksPerSM = 2;
 // µs); with it, the plan comes before griddepcontrol.wait and the indices
 // after. The loop is not unrolled: an unrolled loop starts with a 64-bit
 // division for its trip count, on the path of a 1-token call.
-template <class T, class C, bool NEOX, bool WIDE, bool ROT, UnitKind K>
+template <class T, class C, bool NEOX, bool WIDE, bool ROT, IndexType I, UnitKind K>
 __device__ __forceinline__ void run_units(const RopeKVParams& p, const UnitLayout& L, int u, int64_t t, bool pdl) {
   constexpr bool kRotates = ROT && (K == UnitKind::q_rot || K == UnitKind::k_rot);
   const bool writes = K != UnitKind::q_rot && p.write_cache;
   TokenIndex ix;
-  if (!pdl) ix = load_token_index(p, kRotates, writes, t);
+  if (!pdl) ix = load_token_index<I>(p, kRotates, writes, t);
   UnitPlan<T, C> plan = plan_kind<T, C, NEOX, WIDE, K>(p, L, u);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Programmatic dependent launch: wait for the previous kernel's writes, and
@@ -48,7 +54,7 @@ __device__ __forceinline__ void run_units(const RopeKVParams& p, const UnitLayou
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
-  if (pdl) ix = load_token_index(p, kRotates, writes, t);
+  if (pdl) ix = load_token_index<I>(p, kRotates, writes, t);
   read_plan_scale(plan);
   const int64_t stride = int64_t(gridDim.x) * blockDim.y;
 #pragma unroll 1
@@ -56,7 +62,7 @@ __device__ __forceinline__ void run_units(const RopeKVParams& p, const UnitLayou
     run_plan<T, C, NEOX, WIDE, ROT>(p, plan, t, ix);
     t += stride;
     if (t >= p.num_tokens) break;
-    ix = load_token_index(p, kRotates, writes, t);
+    ix = load_token_index<I>(p, kRotates, writes, t);
   }
 }
 
@@ -64,14 +70,15 @@ __device__ __forceinline__ void run_units(const RopeKVParams& p, const UnitLayou
 // and blockIdx.x the first token, and the grid, no larger than what the GPU
 // holds at once, strides over the rest. A unit's kind is a branch that is the
 // same for a whole warp when the kinds' unit counts are multiples of 32 (every
-// common head size).
-template <class T, class C, bool NEOX, bool WIDE, bool ROT>
+// common head size). The layout comes before the call's parameters, for the
+// reason given at RopeKVParams.
+template <class T, class C, bool NEOX, bool WIDE, bool ROT, IndexType I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
-    rope_kv_kernel(const RopeKVParams p, const UnitLayout L, bool pdl) {
+    rope_kv_kernel(const UnitLayout L, bool pdl, const RopeKVParams p) {
   const int u = blockIdx.y * blockDim.x + threadIdx.x;
   const int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (u >= L.total || t >= p.num_tokens) return;
-  with_unit_kind<ROT>(L, u, [&](auto kind) { run_units<T, C, NEOX, WIDE, ROT, decltype(kind)::value>(p, L, u, t, pdl); });
+  with_unit_kind<ROT>(L, u, [&](auto kind) { run_units<T, C, NEOX, WIDE, ROT, I, decltype(kind)::value>(p, L, u, t, pdl); });
 }
 
 // ---- Large calls with narrow heads: rows of heads per warp ------------------
@@ -207,7 +214,7 @@ __device__ __forceinline__ void run_rows(const RopeKVParams& p, const RowLayout&
 // partners) stay in registers across the loads.
 template <class T, class C, bool NEOX, int N>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock, 1)
-    rope_kv_rows_kernel(const RopeKVParams p, const RowLayout R, bool pdl) {
+    rope_kv_rows_kernel(const RowLayout R, bool pdl, const RopeKVParams p) {
   const int w = int(blockIdx.y * (blockDim.x / 32) + threadIdx.x / 32);
   const int lane = int(threadIdx.x % 32);
   const int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -325,16 +332,30 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
           constexpr auto kernel = rope_kv_rows_kernel<T, C, NEOX, N>;
           const LaunchShape shape = launch_shape(R.warps * 32, p.num_tokens, sms, kMaxThreadsPerBlock, kMaxThreadsPerBlock,
                                                  [&](int threads) { return blocks_per_sm<kernel>(threads, device); });
-          launch(kernel, shape, stream, enable_pdl, p, R, enable_pdl);
+          launch(kernel, shape, stream, enable_pdl, R, enable_pdl, p);
           return;
         }
       }
     }
-    constexpr auto kernel = rope_kv_kernel<T, C, NEOX, WIDE, ROT>;
-    const LaunchShape shape = launch_shape(L.total, p.num_tokens, sms, kMaxThreadsPerBlock,
-                                           ROT ? kSmallCallThreadsPerBlock : kMaxThreadsPerBlock,
-                                           [&](int threads) { return blocks_per_sm<kernel>(threads, device); });
-    launch(kernel, shape, stream, enable_pdl, p, L, enable_pdl);
+    auto launch_units = [&](auto index_type) {
+      constexpr auto kernel = rope_kv_kernel<T, C, NEOX, WIDE, ROT, decltype(index_type)::value>;
+      const LaunchShape shape = launch_shape(L.total, p.num_tokens, sms, kMaxThreadsPerBlock,
+                                             ROT ? kSmallCallThreadsPerBlock : kMaxThreadsPerBlock,
+                                             [&](int threads) { return blocks_per_sm<kernel>(threads, device); });
+      launch(kernel, shape, stream, enable_pdl, L, enable_pdl, p);
+    };
+    // Calls of up to kTypedIndexMaxTokens tokens that rotate on the wide path
+    // know their index dtype at compile time (see IndexType).
+    if constexpr (ROT && WIDE) {
+      if (p.num_tokens <= kTypedIndexMaxTokens) {
+        switch (index_type_of(p)) {
+          case IndexType::i64: return launch_units(IndexTag<IndexType::i64>{});
+          case IndexType::i32: return launch_units(IndexTag<IndexType::i32>{});
+          default: break;
+        }
+      }
+    }
+    launch_units(IndexTag<IndexType::any>{});
   });
   if (current != device) check(cudaSetDevice(current), "cudaSetDevice");
 }

@@ -43,27 +43,31 @@ struct Scale {
   float value = 1.0f;
 };
 
+// Field order matters on the GPU: a kernel reads its parameters through the
+// constant cache a line at a time, so the fields most units read before their
+// first load (token count, index and cos/sin pointers, flags) come first
+// (benchmarks/NOTES.md, v12).
 struct RopeKVParams {
   int64_t num_tokens = 0;
+  const void* positions = nullptr;
+  const void* cos_sin = nullptr;
+  int64_t max_pos = 0;
+  const void* loc = nullptr;
+  int rot_dim = 0;      // 0: no rotation
+  DType cos_sin_dtype = DType::f32;
+  bool positions_i64 = false;
+  bool loc_i64 = false;
+  bool cos_sin_vec4 = false;  // fp32, 16-byte aligned, rot_dim % 4 == 0: float4 loads
+  bool write_cache = false;
+  bool neox = true;
   TokenTensor q, k, v;
   int num_q_heads = 0;  // 0: no query
   int num_k_heads = 0;
   int head_dim = 0;     // of q and k
   int num_v_heads = 0;
   int v_head_dim = 0;
-  int rot_dim = 0;      // 0: no rotation
-  bool neox = true;
-  const void* positions = nullptr;
-  bool positions_i64 = false;
-  const void* cos_sin = nullptr;
-  DType cos_sin_dtype = DType::f32;
-  bool cos_sin_vec4 = false;  // fp32, 16-byte aligned, rot_dim % 4 == 0: float4 loads
-  int64_t max_pos = 0;
-  bool write_cache = false;
   CacheTensor k_cache, v_cache;
   Scale k_scale, v_scale;
-  const void* loc = nullptr;
-  bool loc_i64 = false;
 };
 
 // Elements per unit: a 16-byte vector of the input dtype on the wide path;
@@ -137,8 +141,28 @@ inline bool wide_path_ok(const RopeKVParams& p) {
 
 // ---- small access helpers ---------------------------------------------------
 
+// The dtype of a call's token indices (positions and slots), as kernels know
+// it: `any` reads each index as its flag says (the CPU; on the GPU, store_kv
+// and calls of more than a few tokens); i32 and i64 mean every index the call
+// reads has that dtype, so the load needs no test. On the GPU the test sat
+// between a small call's start and its first load: RoPE and fused calls of 1
+// to 32 tokens took 0.10-0.20 µs longer with it (benchmarks/NOTES.md, v12).
+enum class IndexType : int { any, i32, i64 };
+template <IndexType I> using IndexTag = std::integral_constant<IndexType, I>;
+
+template <IndexType I = IndexType::any>
 ROPEKV_HD int64_t load_index(const void* ptr, bool is_i64, int64_t i) {
-  return is_i64 ? static_cast<const int64_t*>(ptr)[i] : int64_t(static_cast<const int32_t*>(ptr)[i]);
+  if constexpr (I == IndexType::i64) return static_cast<const int64_t*>(ptr)[i];
+  else if constexpr (I == IndexType::i32) return static_cast<const int32_t*>(ptr)[i];
+  else return is_i64 ? static_cast<const int64_t*>(ptr)[i] : int64_t(static_cast<const int32_t*>(ptr)[i]);
+}
+
+// The one IndexType that fits every index a call reads, or `any`.
+inline IndexType index_type_of(const RopeKVParams& p) {
+  const bool rotates = p.rot_dim > 0;
+  const bool all64 = (!rotates || p.positions_i64) && (!p.write_cache || p.loc_i64);
+  const bool all32 = (!rotates || !p.positions_i64) && (!p.write_cache || !p.loc_i64);
+  return all64 ? IndexType::i64 : all32 ? IndexType::i32 : IndexType::any;
 }
 
 ROPEKV_HD float load_cos_sin(const void* ptr, DType dtype, int64_t i) {
@@ -384,10 +408,11 @@ ROPEKV_HD bool writes_slot(const RopeKVParams& p, int64_t slot) {
   return slot >= 0 && slot < slots;
 }
 
+template <IndexType I = IndexType::any>
 ROPEKV_HD TokenIndex load_token_index(const RopeKVParams& p, bool rotates, bool writes, int64_t t) {
   TokenIndex ix;
-  if (writes) ix.slot = load_index(p.loc, p.loc_i64, t);
-  if (rotates) ix.pos = load_index(p.positions, p.positions_i64, t);
+  if (writes) ix.slot = load_index<I>(p.loc, p.loc_i64, t);
+  if (rotates) ix.pos = load_index<I>(p.positions, p.positions_i64, t);
   return ix;
 }
 
