@@ -24,7 +24,7 @@ constexpr int kMaxThreadsPerBlock = 512;
 constexpr int kSmallCallThreadsPerBlock = 64;
 // Calls that rotate, on the wide path, of at most this many tokens run a kernel
 // compiled for their index dtype: 1-32 tokens 0.10-0.20 µs faster than with the
-// dtype tested per load, 128 tokens up to 0.15 µs slower, larger calls level
+// dtype tested per load, 128 tokens up to 0.2 µs slower, larger calls level
 // (benchmarks/NOTES.md, v12). Larger calls, the narrow path and store_kv (no
 // faster with it; 32768 tokens 1% slower) test it per load.
 constexpr int64_t kTypedIndexMaxTokens = 32;
