@@ -204,6 +204,40 @@ def test_out_of_range_positions_leave_token_unrotated(backend):
     assert torch.equal(q[0], q0[0]) and torch.equal(q[2], q0[2]) and not torch.equal(q[1], q0[1])
 
 
+@pytest.mark.parametrize("T", [1, 29, 300])
+def test_enable_pdl_gives_the_same_bits(backend, T):
+    """enable_pdl=True (programmatic dependent launch on sm_90+, a no-op elsewhere),
+    with each call's inputs written by the kernel just before it: the same bits
+    as the default launch, for store_kv and the fused call, at sizes that take
+    the typed-index, general and two-units-per-thread kernels."""
+    device = backend[1]
+    gen = torch.Generator().manual_seed(T)
+    H, D, slots, max_pos = 8, 128, T + 50, 4096
+    base = torch.randn(T, 3 * H * D, generator=gen).to(torch.bfloat16).to(device)
+    loc = torch.randperm(slots, generator=gen)[:T].to(device)
+    loc[T // 2] = -1  # a padding slot
+    pos = torch.randint(0, max_pos, (T,), generator=gen).to(device)
+    cs = cos_sin_cache(max_pos, D).to(device)
+    caches = torch.randn(2, slots, H, D, generator=gen).to(torch.bfloat16).to(device)
+    results = []
+    for pdl in (False, True):
+        kc, vc = caches[0].clone(), caches[1].clone()
+        qkv = base * 2  # written by the kernel right before the call
+        q, k, v = qkv.split(H * D, dim=1)
+        ropekv.store_kv(k, v, kc, vc, loc, enable_pdl=pdl)
+        kc2, vc2 = caches[0].clone(), caches[1].clone()
+        qkv2 = base * 4
+        q2, k2, v2 = qkv2.split(H * D, dim=1)
+        arg = ropekv.FusedSetKVBufferArg(value=v2, k_buffer=kc2, v_buffer=vc2, cache_loc=loc)
+        ropekv.apply_rope_with_cos_sin_cache_inplace(pos, q2, k2, D, cs, True, arg, enable_pdl=pdl)
+        results.append((kc, vc, qkv2, kc2, vc2))
+        keep = loc >= 0
+        assert torch.equal(ref.bits(kc[loc[keep]]), ref.bits(k.unflatten(1, (H, D))[keep]))
+        assert torch.equal(ref.bits(vc2[loc[keep]]), ref.bits(v2.unflatten(1, (H, D))[keep]))
+    for a, b in zip(*results):
+        assert torch.equal(ref.bits(a), ref.bits(b))
+
+
 @pytest.mark.parametrize("T", [1, 29, 40])
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["bf16-cache", "e4m3-cache"])
 @pytest.mark.parametrize("loc_dtype", [None, torch.int32, torch.int64], ids=["rope", "loc32", "loc64"])

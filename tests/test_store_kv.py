@@ -39,8 +39,11 @@ def test_store_kv_small_shapes(backend, case):
 
 @given(case=kv_cases(max_tokens=0), extra=st.integers(0, 200))
 def test_store_kv_hundreds_of_tokens(backend, case, extra):
-    """Every layout, dtype and scale at 128 to 328 tokens (more than one token per
-    SM on an H100, so GPU blocks stack tokens and threads loop over them)."""
+    """Every layout, dtype and scale at 128 to 328 tokens: on CUDA, from 128 tokens
+    a thread copies two units of a token when the units per head are powers of
+    two and the cache holds the input dtype (odd unit counts leave the last
+    thread of a token one unit), else blocks stack tokens and threads loop over
+    them."""
     run_store_case(dataclasses.replace(case, T=128 + extra), backend[1])
 
 

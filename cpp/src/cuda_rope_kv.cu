@@ -2,6 +2,7 @@
 // (see ropekv/rope_kv.h).
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -79,6 +80,68 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
   const int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (u >= L.total || t >= p.num_tokens) return;
   with_unit_kind<ROT>(L, u, [&](auto kind) { run_units<T, C, NEOX, WIDE, ROT, I, decltype(kind)::value>(p, L, u, t, pdl); });
+}
+
+// ---- store_kv from kStorePairMinTokens tokens: two units per thread ----------
+// Thread x of a token copies its units x and x + P (P threads per token: half
+// the token's units, rounded up to whole warps), both loads issued before
+// either store: twice the bytes in flight per thread, half the threads, and the
+// slot's offset computed once per cache rather than once per unit. Blocks of
+// kStorePairThreads threads stack tokens, one token per thread and a block for
+// every token. For caches of the input dtype with power-of-two units per head
+// (every common head size); measured (benchmarks/NOTES.md, v12, Llama shape):
+// 128 tokens 1.93 -> 1.75 µs, 2048 tokens 4.57 -> 4.30, 32768 tokens 97.4 ->
+// 95.6. Three things the unit kernel does cost this one 0.1-0.25 µs each at
+// 32-2048 tokens and are left out: a division for other unit counts, a
+// runtime PDL flag (PDL is a template argument here), and griddepcontrol in
+// launches without PDL. Into fp8 caches it measured slower (v12).
+constexpr int64_t kStorePairMinTokens = 128;
+constexpr int kStorePairThreads = 256;
+
+template <class T, bool PDL>
+__global__ void __launch_bounds__(kStorePairThreads)
+    store_kv_pairs_kernel(const UnitLayout L, const RopeKVParams p) {
+  constexpr int W = chunk_elems<T, false, true>();
+  const int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (t >= p.num_tokens) return;
+  int64_t slot = -1;
+  if constexpr (!PDL) slot = load_index(p.loc, p.loc_i64, t);
+  // Each field is picked by value, as in plan_kind (for the reason given there).
+  const T* src[2];
+  int64_t dst_offset[2];
+  bool to_v[2], live[2];
+  Chunk<T, W> x[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int u = int(threadIdx.x) + i * int(blockDim.x);
+    live[i] = u < L.total;
+    to_v[i] = u >= L.k_tail_end;
+    const int w = to_v[i] ? u - L.k_tail_end : u;
+    const int head = w >> (to_v[i] ? L.v_shift : L.tail_shift);  // powers of two: the launcher checks
+    const int d = (w - head * (to_v[i] ? L.v_units : L.tail_units)) * W;
+    src[i] = static_cast<const T*>(to_v[i] ? p.v.ptr : p.k.ptr) + t * (to_v[i] ? p.v.token_stride : p.k.token_stride) +
+             head * (to_v[i] ? p.v.head_stride : p.k.head_stride) + d;
+    dst_offset[i] = head * (to_v[i] ? p.v_cache.head_stride : p.k_cache.head_stride) + d;
+    if (!PDL && live[i]) x[i] = load_chunk<T, W, true>(src[i]);
+  }
+  if constexpr (PDL) {
+    // The addresses are made while the previous kernel runs; its outputs may be
+    // this call's inputs, so every load comes after the wait.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+    slot = load_index(p.loc, p.loc_i64, t);
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      if (live[i]) x[i] = load_chunk<T, W, true>(src[i]);
+  }
+  if (!writes_slot(p, slot)) return;
+  T* const k_dst = static_cast<T*>(p.k_cache.ptr) + slot_offset(slot, p.k_cache.page_stride, p.k_cache.slot_stride, p.k_cache.page_size);
+  T* const v_dst = static_cast<T*>(p.v_cache.ptr) + slot_offset(slot, p.v_cache.page_stride, p.v_cache.slot_stride, p.v_cache.page_size);
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+    if (live[i]) store_chunk<T, W, true>((to_v[i] ? v_dst : k_dst) + dst_offset[i], x[i]);
 }
 
 // ---- Large calls with narrow heads: rows of heads per warp ------------------
@@ -353,6 +416,18 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
           case IndexType::i32: return launch_units(IndexTag<IndexType::i32>{});
           default: break;
         }
+      }
+    }
+    if constexpr (!ROT && WIDE && std::is_same_v<T, C>) {
+      const int per_token = ((L.total + 1) / 2 + 31) / 32 * 32;
+      LaunchShape shape;
+      shape.block = dim3(unsigned(per_token), unsigned(std::max(1, kStorePairThreads / per_token)));
+      const int64_t token_blocks = (p.num_tokens + shape.block.y - 1) / shape.block.y;
+      shape.grid = dim3(unsigned(token_blocks));
+      if (p.num_tokens >= kStorePairMinTokens && per_token <= kStorePairThreads && L.tail_shift >= 0 &&
+          L.v_shift >= 0 && token_blocks <= INT32_MAX) {
+        if (enable_pdl) return launch(store_kv_pairs_kernel<T, true>, shape, stream, true, L, p);
+        return launch(store_kv_pairs_kernel<T, false>, shape, stream, false, L, p);
       }
     }
     launch_units(IndexTag<IndexType::any>{});
