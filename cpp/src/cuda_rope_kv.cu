@@ -94,7 +94,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
 // 95.6. Three things the unit kernel does cost this one 0.1-0.25 µs each at
 // 32-2048 tokens and are left out: a division for other unit counts, a
 // runtime PDL flag (PDL is a template argument here), and griddepcontrol in
-// launches without PDL. Into fp8 caches it measured slower (v12).
+// launches without PDL. fp8 caches keep the unit kernel: the one measurement
+// into them, of a version with those three, was slower (v12).
 constexpr int64_t kStorePairMinTokens = 128;
 constexpr int kStorePairThreads = 256;
 
