@@ -204,12 +204,14 @@ def test_out_of_range_positions_leave_token_unrotated(backend):
     assert torch.equal(q[0], q0[0]) and torch.equal(q[2], q0[2]) and not torch.equal(q[1], q0[1])
 
 
-@pytest.mark.parametrize("T", [1, 29, 300])
+@pytest.mark.parametrize("T", [1, 29, 300, 8200])
 def test_enable_pdl_gives_the_same_bits(backend, T):
     """enable_pdl=True (programmatic dependent launch on sm_90+, a no-op elsewhere),
     with each call's inputs written by the kernel just before it: the same bits
     as the default launch, for store_kv and the fused call, at sizes that take
-    the typed-index, general and two-units-per-thread kernels."""
+    the typed-index, general and two-units-per-thread kernels (store_kv takes
+    the last from 128 tokens by default, with PDL from 2^20 16-byte units, which
+    8200 tokens are here)."""
     device = backend[1]
     gen = torch.Generator().manual_seed(T)
     H, D, slots, max_pos = 8, 128, T + 50, 4096

@@ -97,6 +97,12 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
 // launches without PDL. fp8 caches keep the unit kernel: the one measurement
 // into them, of a version with those three, was slower (v12).
 constexpr int64_t kStorePairMinTokens = 128;
+// With PDL it beats the unit kernel only from this many units per call (16 MiB
+// of bf16 input). Measured with PDL (benchmarks/NOTES.md, v13), unit kernel
+// against this one: Llama shape 512 tokens 1.68 / 1.87 µs, 2048 tokens 3.61 /
+// 3.80, 4096 tokens (2^20 units) 14.06 / 13.72; gpt-oss shape 4096 tokens
+// (2^19 units) 3.72 / 3.85, 8192 tokens 13.73 / 13.73.
+constexpr int64_t kStorePairMinUnitsPDL = int64_t(1) << 20;
 constexpr int kStorePairThreads = 256;
 
 template <class T, bool PDL>
@@ -425,8 +431,10 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
       shape.block = dim3(unsigned(per_token), unsigned(std::max(1, kStorePairThreads / per_token)));
       const int64_t token_blocks = (p.num_tokens + shape.block.y - 1) / shape.block.y;
       shape.grid = dim3(unsigned(token_blocks));
-      if (p.num_tokens >= kStorePairMinTokens && per_token <= kStorePairThreads && L.tail_shift >= 0 &&
-          L.v_shift >= 0 && token_blocks <= INT32_MAX) {
+      const bool large_enough = enable_pdl ? p.num_tokens * L.total >= kStorePairMinUnitsPDL
+                                           : p.num_tokens >= kStorePairMinTokens;
+      if (large_enough && per_token <= kStorePairThreads && L.tail_shift >= 0 && L.v_shift >= 0 &&
+          token_blocks <= INT32_MAX) {
         if (enable_pdl) return launch(store_kv_pairs_kernel<T, true>, shape, stream, true, L, p);
         return launch(store_kv_pairs_kernel<T, false>, shape, stream, false, L, p);
       }
