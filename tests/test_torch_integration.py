@@ -191,7 +191,7 @@ def test_compile_fullgraph_matches_eager_bit_for_bit(device):
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 def test_cuda_graph_replays_see_new_slots_positions_and_scales():
     device = torch.device("cuda")
-    if _backend.backend_for(device) is not _native.run:
+    if not _native.serves(device) or _backend.requested() == "torch":
         # The pure-torch fallback synchronizes, so only the native path can be captured.
         pytest.skip("CUDA calls do not take the native backend (no CUDA kernels, or ROPEKV_BACKEND=torch)")
     static = _block_inputs(device, 10)
