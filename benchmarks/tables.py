@@ -14,7 +14,8 @@ def us(x):
 
 
 def table(path):
-    run = json.load(open(path))
+    with open(path) as f:
+        run = json.load(f)
     lines = [f"{path}: pdl={run['pdl']}, copy {2 * 2**30 / run['copy']['us'] / 1e3:.0f} GB/s", "",
              "| shape | cache | tokens | sets | " + " | ".join(VARIANTS) + " | fused GB/s | fused % of copy |",
              "| --- | --- | ---: | ---: | " + "---: | " * len(VARIANTS) + "---: | ---: |"]
