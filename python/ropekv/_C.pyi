@@ -2,12 +2,14 @@
 
 Private: python/ropekv/_native.py is its only caller, with tensors already
 validated and viewed by python/ropekv/_validate.py. Tensors cross as DLPack
-arrays; fp8 caches as uint8 views plus their dtype code.
+capsules (or any object nanobind imports as an ndarray: a tensor works too);
+fp8 caches as uint8 views plus their dtype code.
 """
 
-from typing import Optional
+from typing import Any, Optional
 
-import torch
+
+Array = Any  # a DLPack capsule, or a torch.Tensor
 
 with_cuda: bool
 """Whether the CUDA kernels were compiled in."""
@@ -17,20 +19,20 @@ cuda_architectures: str
 """The CUDA architectures of the build (CMake syntax, e.g. "80-real;90-real"), "" without CUDA."""
 
 def rope_kv(
-    q: Optional[torch.Tensor],
-    k: torch.Tensor,
-    v: Optional[torch.Tensor],
-    k_cache: Optional[torch.Tensor],
-    v_cache: Optional[torch.Tensor],
+    q: Optional[Array],
+    k: Array,
+    v: Optional[Array],
+    k_cache: Optional[Array],
+    v_cache: Optional[Array],
     cache_dtype: int,
-    loc: Optional[torch.Tensor],
-    positions: Optional[torch.Tensor],
-    cos_sin: Optional[torch.Tensor],
+    loc: Optional[Array],
+    positions: Optional[Array],
+    cos_sin: Optional[Array],
     rot_dim: int,
     neox: bool,
-    k_scale: Optional[torch.Tensor],
+    k_scale: Optional[Array],
     k_scale_value: float,
-    v_scale: Optional[torch.Tensor],
+    v_scale: Optional[Array],
     v_scale_value: float,
     stream: int,
     enable_pdl: bool,
