@@ -46,8 +46,8 @@ def serves(device: torch.device) -> bool:
 def _capsule(t):
     """t as a DLPack capsule, fp8 as uint8 bytes. torch's C exporter rather than the
     Python ``Tensor.__dlpack__`` nanobind would call: the same capsule (no stream
-    synchronization either way) for about a fifth of the host time, on the 8-10 tensors
-    of every call."""
+    synchronization either way) in 0.5 instead of 3.2 µs (measured on the development
+    machine), for each of the 8-10 tensors of every call."""
     if t is None:
         return None
     if t.dtype.itemsize == 1:
