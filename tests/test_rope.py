@@ -275,7 +275,7 @@ def row_kernel_min_tokens() -> int:
 
 def needs_native_cuda(backend):
     if backend != ("native", torch.device("cuda")):
-        pytest.skip("the row kernel is part of the CUDA backend")
+        pytest.skip("a test of the CUDA backend's kernel choice")
 
 
 @st.composite
@@ -348,3 +348,90 @@ def test_large_narrow_head_call_takes_the_row_kernel(backend, cache_dtype):
     assert any("rope_kv_rows_kernel" in n for n in kernels[0]), kernels[0]
     assert not any("rope_kv_rows_kernel" in n for n in kernels[1]), kernels[1]
     assert kernels[2] and not any("rope_kv_rows_kernel" in n for n in kernels[2]), kernels[2]
+
+
+# ---- decode-sized calls (the CUDA small kernel) --------------------------------
+# CUDA calls of up to 32 rotating tokens (127 for store_kv) with f16/bf16 inputs,
+# heads of 64, 128 or 256 rotated whole, an fp32 cos/sin table, one index dtype
+# and no PDL run rope_kv_small_kernel (cpp/src/cuda_rope_kv.cu); others do not.
+SMALL_KERNEL_MAX_TOKENS = 32
+SMALL_STORE_MAX_TOKENS = 127
+SMALL_CALL_CASES = [  # dtype, cache dtype, cache layout, page size, k scale, v scale
+    (torch.bfloat16, None, "3d", 1, "none", "none"),
+    (torch.float16, torch.float8_e4m3fn, "paged", 16, "per_head", "float"),
+    (torch.bfloat16, torch.float8_e5m2, "paged_padded", 2, "tensor", "per_head"),
+]
+
+
+def small_kv(T, hk, d, dtype, cache_dtype, cache_layout, page_size, k_scale, v_scale, seed):
+    return KVCase(T=T, hk=hk, dk=d, hv=hk, dv=d, dtype=dtype, cache_dtype=cache_dtype, input_layout="qkv",
+                  cache_layout=cache_layout, page_size=page_size, index_dtype=torch.int64, k_scale=k_scale,
+                  v_scale=v_scale, pad_frac=0.2, oob_frac=0.1, seed=seed)
+
+
+@pytest.mark.parametrize("T", [1, SMALL_KERNEL_MAX_TOKENS, SMALL_KERNEL_MAX_TOKENS + 1])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "rope"])
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("kind", range(len(SMALL_CALL_CASES)))
+def test_small_calls_match_reference(backend, kind, d, neox, fused, T):
+    """Decode-sized calls of each head size the small kernel compiles, both
+    rotation styles, bf16 and fp8 caches (paged among them, every scale kind),
+    padding and out-of-range slots, positions outside the table; at the token
+    limit and one token past it (the unit kernel)."""
+    dtype, *cache = SMALL_CALL_CASES[kind]
+    kv = small_kv(T, 2, d, dtype, *cache, seed=d + T) if fused else None
+    case = RopeCase(T=T, hq=6, hk=2, head_size=d, rot_dim=d, neox=neox, dtype=dtype, cos_sin_dtype=torch.float32,
+                    layout="qkv", index_dtype=torch.int64, max_pos=700, bad_pos_frac=0.1, kv=kv, seed=3 * d + T)
+    run_rope_case(case, backend[1])
+
+
+def cuda_kernel_names(fn) -> set:
+    """The names of the package's CUDA kernels that fn launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if "ropekv" in e.name}
+
+
+def test_small_kernel_takes_the_calls_it_serves(backend):
+    """Which calls run the small kernel (kernel names from the profiler): fused
+    and store_kv calls at their token limits do, one token more, a partial
+    rotation, a head size it does not compile, a bf16 cos/sin table or PDL do
+    not."""
+    needs_native_cuda(backend)
+    gen = torch.Generator().manual_seed(3)
+    hq, hk, d = 8, 2, 128
+
+    def fused_call(T, head=d, rot=d, cs_dtype=torch.float32, pdl=False):
+        qkv = torch.randn(T, (hq + 2 * hk) * head, generator=gen).to(torch.bfloat16).cuda()
+        q, k, v = qkv[:, : hq * head], qkv[:, hq * head : (hq + hk) * head], qkv[:, (hq + hk) * head :]
+        cache = [torch.zeros(64, hk, head, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+        arg = ropekv.FusedSetKVBufferArg(value=v, k_buffer=cache[0], v_buffer=cache[1],
+                                         cache_loc=torch.randperm(64, generator=gen)[:T].cuda())
+        pos = torch.randint(0, 100, (T,), generator=gen).cuda()
+        cs = cos_sin_cache(100, rot, cs_dtype).cuda()
+        return lambda: ropekv.apply_rope_with_cos_sin_cache_inplace(pos, q, k, head, cs, True, arg, enable_pdl=pdl)
+
+    def store_call(T):
+        k, v = (torch.randn(T, hk, d, generator=gen).to(torch.bfloat16).cuda() for _ in range(2))
+        cache = [torch.zeros(256, hk, d, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+        loc = torch.randperm(256, generator=gen)[:T].cuda()
+        return lambda: ropekv.store_kv(k, v, cache[0], cache[1], loc)
+
+    calls = {
+        "fused at the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS), True),
+        "store_kv at the limit": (store_call(SMALL_STORE_MAX_TOKENS), True),
+        "fused past the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS + 1), False),
+        "store_kv past the limit": (store_call(SMALL_STORE_MAX_TOKENS + 1), False),
+        "partial rotation": (fused_call(4, rot=64), False),
+        "head size 96": (fused_call(4, head=96, rot=96), False),
+        "bf16 cos/sin": (fused_call(4, cs_dtype=torch.bfloat16), False),
+        "pdl": (fused_call(4, pdl=True), False),
+    }
+    seen = {name: cuda_kernel_names(fn) for name, (fn, _) in calls.items()}
+    if not any(seen.values()):
+        pytest.skip("the profiler records no CUDA kernels here (under compute-sanitizer, for one)")
+    for name, (_, small) in calls.items():
+        assert seen[name], name
+        assert any("rope_kv_small_kernel" in n for n in seen[name]) == small, (name, seen[name])

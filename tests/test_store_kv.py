@@ -139,3 +139,17 @@ def test_fp8_every_input_value(backend, input_dtype):
             assert torch.equal(nan, torch.isnan(want.view(cache_dtype).to(torch.float64))), (cache_dtype, scale)
             assert torch.equal(got[~nan], want[~nan]), f"{cache_dtype} scale {scale}: {(got != want).sum()} codes differ"
             assert torch.equal(ref.bits(vc).cpu(), got)
+
+
+@pytest.mark.parametrize("T", [1, 127])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("cache", [(None, "3d", 1, "none", "none"),
+                                   (torch.float8_e4m3fn, "paged_padded", 16, "per_head", "float")],
+                         ids=["same-dtype", "e4m3-paged"])
+def test_store_kv_small_calls(backend, cache, d, T):
+    """store_kv calls below 128 tokens with heads of 64, 128 or 256 (the CUDA
+    small kernel), padding and out-of-range slots among them."""
+    cache_dtype, layout, page_size, k_scale, v_scale = cache
+    run_store_case(KVCase(T=T, hk=3, dk=d, hv=3, dv=d, dtype=torch.bfloat16, cache_dtype=cache_dtype,
+                          input_layout="qkv", cache_layout=layout, page_size=page_size, index_dtype=torch.int32,
+                          k_scale=k_scale, v_scale=v_scale, pad_frac=0.2, oob_frac=0.1, seed=d + T), backend[1])

@@ -3,6 +3,7 @@
 // integer. The Python layer has already validated and reshaped everything
 // (python/ropekv/_native.py); the checks here only guard against misuse of
 // this private module.
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
@@ -49,10 +50,11 @@ CacheTensor cache_tensor(const nb::ndarray<>& a, const char* name) {
   c.page_size = int64_t(a.shape(1));
   c.slot_stride = a.stride(1);
   c.head_stride = a.stride(2);
-  c.num_slots = int64_t(a.shape(0)) * int64_t(a.shape(1));
   if (c.page_size == 1) c.slot_stride = 0;
   return c;
 }
+
+int64_t num_slots(const nb::ndarray<>& cache) { return int64_t(cache.shape(0)) * int64_t(cache.shape(1)); }
 
 Scale scale(const OptArray& tensor, float value) {
   Scale s;
@@ -101,6 +103,8 @@ void rope_kv(OptArray q, nb::ndarray<> k, OptArray v, OptArray k_cache, OptArray
     p.v_head_dim = int(v->shape(2));
     p.k_cache = cache_tensor(*k_cache, "k_cache must be a [pages, page_size, H, D] view");
     p.v_cache = cache_tensor(*v_cache, "v_cache must be a [pages, page_size, H, D] view");
+    p.num_slots = std::min(num_slots(*k_cache), num_slots(*v_cache));
+    p.paged = p.k_cache.page_size > 1 || p.v_cache.page_size > 1;
     p.loc = loc->data();
     p.loc_i64 = loc->dtype().bits == 64;
     p.k_scale = scale(k_scale, k_scale_value);

@@ -82,6 +82,96 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
   with_unit_kind<ROT>(L, u, [&](auto kind) { run_units<T, C, NEOX, WIDE, ROT, I, decltype(kind)::value>(p, L, u, t, pdl); });
 }
 
+// ---- Small calls with a common head size: the head geometry compiled in -----
+// Decode-sized calls are a chain of dependent memory round trips (position,
+// then its cos/sin row, then the stores), and every instruction before a load
+// on that chain adds to the call. This kernel serves calls whose heads all
+// have one of a few common sizes D, rotated whole (or not at all: store_kv),
+// with an fp32 cos/sin table read as float4 and one index dtype, launched
+// without PDL (PDL launches keep the unit kernel, which plans before its
+// wait): a unit's head and column are then a constant shift and mask, its
+// cos/sin offsets constants, and nothing is planned, tested per load or
+// looped over (one token per grid column). Everything else about the call
+// (strides, paged caches, fp8 scales, padding slots) stays as general as in
+// the unit kernel, through the same helpers. Measured (benchmarks/NOTES.md,
+// v15, Llama shape, 1 / 8 / 32 tokens): fused 1.72 / 1.83 / 1.91 -> 1.58 /
+// 1.65 / 1.78 µs, RoPE alone 1.69 / 1.77 / 1.82 -> 1.54 / 1.62 / 1.73,
+// store_kv 1.45 / 1.54 / 1.61 -> 1.40 / 1.48 / 1.53.
+constexpr int64_t kSmallRotMaxTokens = kTypedIndexMaxTokens;
+constexpr int64_t kSmallStoreMaxTokens = 127;  // the two-unit kernel takes 128 on
+
+template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, UnitKind K>
+__device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int64_t t) {
+  constexpr int W = chunk_elems<T, NEOX, true>();
+  constexpr bool kQ = K == UnitKind::q_rot, kV = K == UnitKind::v;
+  constexpr bool kRotates = K == UnitKind::q_rot || K == UnitKind::k_rot;
+  constexpr int kPerHead = kRotates && NEOX ? D / 2 / W : D / W;
+  const TokenTensor& x = kQ ? p.q : kV ? p.v : p.k;
+  const CacheTensor& cache = kV ? p.v_cache : p.k_cache;
+  const bool writes = !kQ && p.write_cache;
+  int64_t slot = -1, pos = 0;
+  if (writes) slot = load_index<I>(p.loc, p.loc_i64, t);
+  if (kRotates) pos = load_index<I>(p.positions, p.positions_i64, t);
+  const int head = int(unsigned(w) / kPerHead), j = int(unsigned(w) % kPerHead);
+  T* const src = static_cast<T*>(x.ptr) + t * x.token_stride + head * x.head_stride + j * W;
+  Chunk<T, W> lo = load_chunk<T, W, true>(src), hi;
+  if constexpr (kRotates) {
+    if constexpr (NEOX) hi = load_chunk<T, W, true>(src + D / 2);
+    if (rotates_at(p, pos)) {
+      CosSin<NEOX, W> cs;
+      const float* row = static_cast<const float*>(p.cos_sin) + pos * D + (NEOX ? j * W : j * W / 2);
+      load_floats_vec(row, cs.c);
+      load_floats_vec(row + D / 2, cs.s);
+      rotate_chunk<T, NEOX, W>(cs, lo, hi);
+      store_chunk<T, W, true>(src, lo);
+      if constexpr (NEOX) store_chunk<T, W, true>(src + D / 2, hi);
+    }
+  }
+  if (writes && writes_slot(p, slot)) {
+    // Unpaged caches (the flag is read with the call's first fields) skip
+    // slot_offset's test of the cache's page size, read from further on.
+    const int64_t at = p.paged ? slot_offset(slot, cache.page_stride, cache.slot_stride, cache.page_size)
+                               : slot * cache.page_stride;
+    C* const dst = static_cast<C*>(cache.ptr) + at + head * cache.head_stride + j * W;
+    CacheScale scale{};
+    if constexpr (!std::is_same_v<T, C>) {
+      const Scale& s = kV ? p.v_scale : p.k_scale;
+      scale = cache_scale(s.ptr ? s.ptr[head * s.head_stride] : s.value);
+    }
+    write_cache_chunk<T, C, W, true, ROT>(dst, scale, lo);
+    if constexpr (kRotates && NEOX) write_cache_chunk<T, C, W, true, ROT>(dst + D / 2, scale, hi);
+  }
+}
+
+// threadIdx.x and blockIdx.y pick the unit, blockIdx.x the token. Rotating
+// calls have q, k and v units (no tail: the heads are rotated whole), store_kv
+// k and v units.
+template <class T, class C, bool NEOX, int D, bool ROT, IndexType I>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock)
+    rope_kv_small_kernel(const UnitLayout L, const RopeKVParams p) {
+  const int u = blockIdx.y * blockDim.x + threadIdx.x;
+  const int64_t t = blockIdx.x;
+  if (u >= L.total) return;
+  if constexpr (ROT) {
+    if (u < L.q_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::q_rot>(p, u, t);
+    if (u < L.k_rot_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::k_rot>(p, u - L.q_end, t);
+  } else {
+    if (u < L.k_tail_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::k_tail>(p, u, t);
+  }
+  run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::v>(p, u - L.k_tail_end, t);
+}
+
+// The small kernel's head size for a call, or 0 when the call does not fit it.
+template <class T, bool ROT>
+int small_call_head_dim(const RopeKVParams& p, bool enable_pdl) {
+  if (enable_pdl || sizeof(T) != 2) return 0;
+  if (p.num_tokens > (ROT ? kSmallRotMaxTokens : kSmallStoreMaxTokens)) return 0;
+  if (index_type_of(p) == IndexType::any) return 0;
+  if (ROT && (p.rot_dim != p.head_dim || !p.cos_sin_vec4)) return 0;
+  if (p.write_cache && p.v_head_dim != p.head_dim) return 0;
+  return p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256 ? p.head_dim : 0;
+}
+
 // ---- store_kv from kStorePairMinTokens tokens: two units per thread ----------
 // Thread x of a token copies its units x and x + P (P threads per token: half
 // the token's units, rounded up to whole warps), both loads issued before
@@ -405,6 +495,26 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
           launch(kernel, shape, stream, enable_pdl, R, enable_pdl, p);
           return;
         }
+      }
+    }
+    if constexpr (WIDE && sizeof(T) == 2) {
+      if (const int d = small_call_head_dim<T, ROT>(p, enable_pdl)) {
+        LaunchShape shape;
+        const int threads = ROT ? kSmallCallThreadsPerBlock : std::min(kMaxThreadsPerBlock, (L.total + 31) / 32 * 32);
+        shape.block = dim3(unsigned(threads));
+        shape.grid = dim3(unsigned(p.num_tokens), unsigned((L.total + threads - 1) / threads));
+        auto go = [&](auto dim, auto index_type) {
+          constexpr auto kernel = rope_kv_small_kernel<T, C, NEOX, decltype(dim)::value, ROT, decltype(index_type)::value>;
+          launch(kernel, shape, stream, false, L, p);
+        };
+        auto with_index = [&](auto dim) {
+          if (index_type_of(p) == IndexType::i64) go(dim, IndexTag<IndexType::i64>{});
+          else go(dim, IndexTag<IndexType::i32>{});
+        };
+        if (d == 64) with_index(std::integral_constant<int, 64>{});
+        else if (d == 128) with_index(std::integral_constant<int, 128>{});
+        else with_index(std::integral_constant<int, 256>{});
+        return;
       }
     }
     auto launch_units = [&](auto index_type) {

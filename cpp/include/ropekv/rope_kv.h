@@ -32,7 +32,6 @@ struct CacheTensor {
   int64_t slot_stride = 0;  // in elements, used when page_size > 1
   int64_t head_stride = 0;  // in elements
   int64_t page_size = 1;
-  int64_t num_slots = 0;
 };
 
 // fp8 scale: a device/host pointer to fp32 (one value, or one per head), or a
@@ -45,14 +44,15 @@ struct Scale {
 
 // Field order matters on the GPU: a kernel reads its parameters through the
 // constant cache a line at a time, so the fields most units read before their
-// first load (token count, index and cos/sin pointers, flags) come first
-// (benchmarks/NOTES.md, v12).
+// first load or store (token count, index and cos/sin pointers, the slot
+// count, flags) come first (benchmarks/NOTES.md, v12 and v15).
 struct RopeKVParams {
   int64_t num_tokens = 0;
   const void* positions = nullptr;
   const void* cos_sin = nullptr;
   int64_t max_pos = 0;
   const void* loc = nullptr;
+  int64_t num_slots = 0;  // slots both caches hold (SPEC.md: others are not written)
   int rot_dim = 0;      // 0: no rotation
   DType cos_sin_dtype = DType::f32;
   bool positions_i64 = false;
@@ -60,6 +60,7 @@ struct RopeKVParams {
   bool cos_sin_vec4 = false;  // fp32, 16-byte aligned, rot_dim % 4 == 0: float4 loads
   bool write_cache = false;
   bool neox = true;
+  bool paged = false;  // a cache has pages of more than one slot
   TokenTensor q, k, v;
   int num_q_heads = 0;  // 0: no query
   int num_k_heads = 0;
@@ -173,6 +174,25 @@ ROPEKV_HD float load_cos_sin(const void* ptr, DType dtype, int64_t i) {
   }
 }
 
+#if defined(__CUDACC__)
+// N consecutive floats from src, 16-byte aligned (8-byte for N == 2), as
+// float4 (float2) loads.
+template <int N>
+__device__ __forceinline__ void load_floats_vec(const float* src, float (&out)[N]) {
+  static_assert(N % 4 == 0 || N == 2, "whole float4 or one float2");
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int e = 0; e < N; e += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(src + e);
+      out[e] = f.x; out[e + 1] = f.y; out[e + 2] = f.z; out[e + 3] = f.w;
+    }
+  } else {
+    const float2 f = *reinterpret_cast<const float2*>(src);
+    out[0] = f.x; out[1] = f.y;
+  }
+}
+#endif
+
 // N consecutive cos or sin values from element i of the table. When the table
 // allows it (p.cos_sin_vec4; i is then a multiple of min(N, 4)), as 16- or
 // 8-byte loads.
@@ -181,17 +201,7 @@ ROPEKV_HD void load_cos_sin_run(const RopeKVParams& p, int64_t i, float (&out)[N
 #if defined(__CUDA_ARCH__)
   if constexpr (N % 4 == 0 || N == 2) {
     if (p.cos_sin_vec4) {
-      const float* src = static_cast<const float*>(p.cos_sin) + i;
-      if constexpr (N % 4 == 0) {
-#pragma unroll
-        for (int e = 0; e < N; e += 4) {
-          const float4 f = *reinterpret_cast<const float4*>(src + e);
-          out[e] = f.x; out[e + 1] = f.y; out[e + 2] = f.z; out[e + 3] = f.w;
-        }
-      } else {
-        const float2 f = *reinterpret_cast<const float2*>(src);
-        out[0] = f.x; out[1] = f.y;
-      }
+      load_floats_vec<N>(static_cast<const float*>(p.cos_sin) + i, out);
       return;
     }
   }
@@ -403,10 +413,7 @@ struct TokenIndex {
 // written, S being the slots both caches hold.
 ROPEKV_HD bool rotates_at(const RopeKVParams& p, int64_t pos) { return pos >= 0 && pos < p.max_pos; }
 
-ROPEKV_HD bool writes_slot(const RopeKVParams& p, int64_t slot) {
-  const int64_t slots = p.k_cache.num_slots < p.v_cache.num_slots ? p.k_cache.num_slots : p.v_cache.num_slots;
-  return slot >= 0 && slot < slots;
-}
+ROPEKV_HD bool writes_slot(const RopeKVParams& p, int64_t slot) { return slot >= 0 && slot < p.num_slots; }
 
 template <IndexType I = IndexType::any>
 ROPEKV_HD TokenIndex load_token_index(const RopeKVParams& p, bool rotates, bool writes, int64_t t) {
