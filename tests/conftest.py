@@ -49,6 +49,15 @@ def _backends():
 BACKENDS = _backends()
 
 
+def cuda_kernel_names(fn) -> set:
+    """The names of the package's CUDA kernels that fn launches (empty where the
+    profiler records no kernels, as under compute-sanitizer)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if "ropekv" in e.name}
+
+
 def force_backend(name: str):
     """Makes the next calls use backend `name` ('native', 'torch' or 'auto')."""
     os.environ["ROPEKV_BACKEND"] = name

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 import ropekv
 import reference as ref
 from cases import FLOATS, KVCase, build_kv, head_dims, kv_cases, make_inputs
-from conftest import force_backend
+from conftest import cuda_kernel_names, force_backend
 
 
 def cos_sin_cache(max_pos: int, rot_dim: int, dtype=torch.float32, base: float = 10000.0) -> torch.Tensor:
@@ -364,7 +364,7 @@ SMALL_CALL_CASES = [  # dtype, cache dtype, cache layout, page size, k scale, v 
 
 
 def small_kv(T, hk, d, dtype, cache_dtype, cache_layout, page_size, k_scale, v_scale, seed):
-    return KVCase(T=T, hk=hk, dk=d, hv=hk, dv=d, dtype=dtype, cache_dtype=cache_dtype, input_layout="qkv",
+    return KVCase(T=T, hk=hk, dk=d, hv=hk, dv=d, dtype=dtype, cache_dtype=cache_dtype, input_layout="2d",
                   cache_layout=cache_layout, page_size=page_size, index_dtype=torch.int64, k_scale=k_scale,
                   v_scale=v_scale, pad_frac=0.2, oob_frac=0.1, seed=seed)
 
@@ -378,20 +378,20 @@ def test_small_calls_match_reference(backend, kind, d, neox, fused, T):
     """Decode-sized calls of each head size the small kernel compiles, both
     rotation styles, bf16 and fp8 caches (paged among them, every scale kind),
     padding and out-of-range slots, positions outside the table; at the token
-    limit and one token past it (the unit kernel)."""
+    limit and one token past it (the unit kernel; on CUDA the test checks which
+    kernel ran)."""
     dtype, *cache = SMALL_CALL_CASES[kind]
     kv = small_kv(T, 2, d, dtype, *cache, seed=d + T) if fused else None
+    # Contiguous inputs: 16-byte aligned, as the small kernel needs (views into a
+    # fused qkv tensor with an odd lead would take the narrow path).
     case = RopeCase(T=T, hq=6, hk=2, head_size=d, rot_dim=d, neox=neox, dtype=dtype, cos_sin_dtype=torch.float32,
-                    layout="qkv", index_dtype=torch.int64, max_pos=700, bad_pos_frac=0.1, kv=kv, seed=3 * d + T)
-    run_rope_case(case, backend[1])
-
-
-def cuda_kernel_names(fn) -> set:
-    """The names of the package's CUDA kernels that fn launches."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {e.name for e in prof.events() if "ropekv" in e.name}
+                    layout="3d", index_dtype=torch.int64, max_pos=700, bad_pos_frac=0.1, kv=kv, seed=3 * d + T)
+    if backend != ("native", torch.device("cuda")):
+        run_rope_case(case, backend[1])
+        return
+    names = cuda_kernel_names(lambda: run_rope_case(case, backend[1]))
+    if names:
+        assert any("rope_kv_small_kernel" in n for n in names) == (T <= SMALL_KERNEL_MAX_TOKENS), names
 
 
 def test_small_kernel_takes_the_calls_it_serves(backend):

@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 import ropekv
 import reference as ref
 from cases import KVCase, build_kv, kv_cases
+from conftest import cuda_kernel_names
 
 
 def run_store_case(case: KVCase, device: torch.device) -> None:
@@ -148,8 +149,15 @@ def test_fp8_every_input_value(backend, input_dtype):
                          ids=["same-dtype", "e4m3-paged"])
 def test_store_kv_small_calls(backend, cache, d, T):
     """store_kv calls below 128 tokens with heads of 64, 128 or 256 (the CUDA
-    small kernel), padding and out-of-range slots among them."""
+    small kernel, which the test checks ran), padding and out-of-range slots
+    among them."""
     cache_dtype, layout, page_size, k_scale, v_scale = cache
-    run_store_case(KVCase(T=T, hk=3, dk=d, hv=3, dv=d, dtype=torch.bfloat16, cache_dtype=cache_dtype,
-                          input_layout="qkv", cache_layout=layout, page_size=page_size, index_dtype=torch.int32,
-                          k_scale=k_scale, v_scale=v_scale, pad_frac=0.2, oob_frac=0.1, seed=d + T), backend[1])
+    case = KVCase(T=T, hk=3, dk=d, hv=3, dv=d, dtype=torch.bfloat16, cache_dtype=cache_dtype, input_layout="3d",
+                  cache_layout=layout, page_size=page_size, index_dtype=torch.int32, k_scale=k_scale,
+                  v_scale=v_scale, pad_frac=0.2, oob_frac=0.1, seed=d + T)
+    if backend != ("native", torch.device("cuda")):
+        run_store_case(case, backend[1])
+        return
+    names = cuda_kernel_names(lambda: run_store_case(case, backend[1]))
+    if names:
+        assert any("rope_kv_small_kernel" in n for n in names), names
