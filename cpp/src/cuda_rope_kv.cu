@@ -105,6 +105,7 @@ __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int
   constexpr int W = chunk_elems<T, NEOX, true>();
   constexpr bool kQ = K == UnitKind::q_rot, kV = K == UnitKind::v;
   constexpr bool kRotates = K == UnitKind::q_rot || K == UnitKind::k_rot;
+  constexpr bool kFp8 = !std::is_same_v<T, C>;
   constexpr int kPerHead = kRotates && NEOX ? D / 2 / W : D / W;
   const TokenTensor& x = kQ ? p.q : kV ? p.v : p.k;
   const CacheTensor& cache = kV ? p.v_cache : p.k_cache;
@@ -115,13 +116,28 @@ __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int
   const int head = int(unsigned(w) / kPerHead), j = int(unsigned(w) % kPerHead);
   T* const src = static_cast<T*>(x.ptr) + t * x.token_stride + head * x.head_stride + j * W;
   Chunk<T, W> lo = load_chunk<T, W, true>(src), hi;
+  if constexpr (kRotates && NEOX) hi = load_chunk<T, W, true>(src + D / 2);
+  // An fp8 cache's scale is loaded with the unit's other loads. Read where the
+  // cache is written, it came after the in-place stores of q and k, which the
+  // compiler may not move it above (they might alias), and the write waited a
+  // round trip for it.
+  float scale_value = 1.0f;
+  if constexpr (kFp8) {
+    const Scale& s = kV ? p.v_scale : p.k_scale;
+    if (writes) scale_value = s.ptr ? s.ptr[head * s.head_stride] : s.value;
+  }
+  CacheScale scale{};
   if constexpr (kRotates) {
-    if constexpr (NEOX) hi = load_chunk<T, W, true>(src + D / 2);
-    if (rotates_at(p, pos)) {
-      CosSin<NEOX, W> cs;
+    const bool rotates = rotates_at(p, pos);
+    CosSin<NEOX, W> cs;
+    if (rotates) {
       const float* row = static_cast<const float*>(p.cos_sin) + pos * D + (NEOX ? j * W : j * W / 2);
       load_floats_vec(row, cs.c);
       load_floats_vec(row + D / 2, cs.s);
+    }
+    // The reciprocal is made while the cos/sin row is in flight.
+    if constexpr (kFp8 && !kQ) scale = cache_scale(scale_value);
+    if (rotates) {
       rotate_chunk<T, NEOX, W>(cs, lo, hi);
       store_chunk<T, W, true>(src, lo);
       if constexpr (NEOX) store_chunk<T, W, true>(src + D / 2, hi);
@@ -133,11 +149,7 @@ __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int
     const int64_t at = p.paged ? slot_offset(slot, cache.page_stride, cache.slot_stride, cache.page_size)
                                : slot * cache.page_stride;
     C* const dst = static_cast<C*>(cache.ptr) + at + head * cache.head_stride + j * W;
-    CacheScale scale{};
-    if constexpr (!std::is_same_v<T, C>) {
-      const Scale& s = kV ? p.v_scale : p.k_scale;
-      scale = cache_scale(s.ptr ? s.ptr[head * s.head_stride] : s.value);
-    }
+    if constexpr (kFp8 && !kRotates) scale = cache_scale(scale_value);
     write_cache_chunk<T, C, W, true, ROT>(dst, scale, lo);
     if constexpr (kRotates && NEOX) write_cache_chunk<T, C, W, true, ROT>(dst + D / 2, scale, hi);
   }
@@ -162,11 +174,10 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
 }
 
 // The small kernel's head size for a call, or 0 when the call does not fit it.
-template <class T, bool ROT>
-int small_call_head_dim(const RopeKVParams& p, bool enable_pdl) {
-  if (enable_pdl || sizeof(T) != 2) return 0;
+template <bool ROT>
+int small_call_head_dim(const RopeKVParams& p, IndexType index_type, bool enable_pdl) {
+  if (enable_pdl || index_type == IndexType::any) return 0;
   if (p.num_tokens > (ROT ? kSmallRotMaxTokens : kSmallStoreMaxTokens)) return 0;
-  if (index_type_of(p) == IndexType::any) return 0;
   if (ROT && (p.rot_dim != p.head_dim || !p.cos_sin_vec4)) return 0;
   if (p.write_cache && p.v_head_dim != p.head_dim) return 0;
   return p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256 ? p.head_dim : 0;
@@ -195,9 +206,62 @@ constexpr int64_t kStorePairMinTokens = 128;
 constexpr int64_t kStorePairMinUnitsPDL = int64_t(1) << 20;
 constexpr int kStorePairThreads = 256;
 
+// What the two-unit kernel reads, in the order it reads it: three lines of the
+// constant cache instead of the five its fields span in UnitLayout and
+// RopeKVParams, where the caches' fields come last (benchmarks/NOTES.md, v16).
+struct StorePairParams {
+  int64_t num_tokens = 0;
+  const void* loc = nullptr;
+  int total = 0, k_end = 0;  // units per token; k units come first
+  int k_shift = 0, v_shift = 0;  // log2 of units per head
+  int k_units = 0, v_units = 0;
+  bool loc_i64 = false;
+  bool paged = false;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t k_token_stride = 0, v_token_stride = 0, k_head_stride = 0, v_head_stride = 0;
+  int64_t num_slots = 0;
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  int64_t kc_head_stride = 0, vc_head_stride = 0;
+  int64_t kc_page_stride = 0, vc_page_stride = 0, kc_slot_stride = 0, vc_slot_stride = 0;
+  int64_t kc_page_size = 1, vc_page_size = 1;
+};
+
+StorePairParams store_pair_params(const RopeKVParams& p, const UnitLayout& L) {
+  StorePairParams s;
+  s.num_tokens = p.num_tokens;
+  s.loc = p.loc;
+  s.total = L.total;
+  s.k_end = L.k_tail_end;
+  s.k_shift = L.tail_shift;
+  s.v_shift = L.v_shift;
+  s.k_units = L.tail_units;
+  s.v_units = L.v_units;
+  s.loc_i64 = p.loc_i64;
+  s.paged = p.paged;
+  s.k = p.k.ptr;
+  s.v = p.v.ptr;
+  s.k_token_stride = p.k.token_stride;
+  s.v_token_stride = p.v.token_stride;
+  s.k_head_stride = p.k.head_stride;
+  s.v_head_stride = p.v.head_stride;
+  s.num_slots = p.num_slots;
+  s.k_cache = p.k_cache.ptr;
+  s.v_cache = p.v_cache.ptr;
+  s.kc_head_stride = p.k_cache.head_stride;
+  s.vc_head_stride = p.v_cache.head_stride;
+  s.kc_page_stride = p.k_cache.page_stride;
+  s.vc_page_stride = p.v_cache.page_stride;
+  s.kc_slot_stride = p.k_cache.slot_stride;
+  s.vc_slot_stride = p.v_cache.slot_stride;
+  s.kc_page_size = p.k_cache.page_size;
+  s.vc_page_size = p.v_cache.page_size;
+  return s;
+}
+
 template <class T, bool PDL>
-__global__ void __launch_bounds__(kStorePairThreads)
-    store_kv_pairs_kernel(const UnitLayout L, const RopeKVParams p) {
+__global__ void __launch_bounds__(kStorePairThreads) store_kv_pairs_kernel(const StorePairParams p) {
   constexpr int W = chunk_elems<T, false, true>();
   const int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (t >= p.num_tokens) return;
@@ -211,14 +275,14 @@ __global__ void __launch_bounds__(kStorePairThreads)
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int u = int(threadIdx.x) + i * int(blockDim.x);
-    live[i] = u < L.total;
-    to_v[i] = u >= L.k_tail_end;
-    const int w = to_v[i] ? u - L.k_tail_end : u;
-    const int head = w >> (to_v[i] ? L.v_shift : L.tail_shift);  // powers of two: the launcher checks
-    const int d = (w - head * (to_v[i] ? L.v_units : L.tail_units)) * W;
-    src[i] = static_cast<const T*>(to_v[i] ? p.v.ptr : p.k.ptr) + t * (to_v[i] ? p.v.token_stride : p.k.token_stride) +
-             head * (to_v[i] ? p.v.head_stride : p.k.head_stride) + d;
-    dst_offset[i] = head * (to_v[i] ? p.v_cache.head_stride : p.k_cache.head_stride) + d;
+    live[i] = u < p.total;
+    to_v[i] = u >= p.k_end;
+    const int w = to_v[i] ? u - p.k_end : u;
+    const int head = w >> (to_v[i] ? p.v_shift : p.k_shift);  // powers of two: the launcher checks
+    const int d = (w - head * (to_v[i] ? p.v_units : p.k_units)) * W;
+    src[i] = static_cast<const T*>(to_v[i] ? p.v : p.k) + t * (to_v[i] ? p.v_token_stride : p.k_token_stride) +
+             head * (to_v[i] ? p.v_head_stride : p.k_head_stride) + d;
+    dst_offset[i] = head * (to_v[i] ? p.vc_head_stride : p.kc_head_stride) + d;
     if (!PDL && live[i]) x[i] = load_chunk<T, W, true>(src[i]);
   }
   if constexpr (PDL) {
@@ -233,9 +297,11 @@ __global__ void __launch_bounds__(kStorePairThreads)
     for (int i = 0; i < 2; ++i)
       if (live[i]) x[i] = load_chunk<T, W, true>(src[i]);
   }
-  if (!writes_slot(p, slot)) return;
-  T* const k_dst = static_cast<T*>(p.k_cache.ptr) + slot_offset(slot, p.k_cache.page_stride, p.k_cache.slot_stride, p.k_cache.page_size);
-  T* const v_dst = static_cast<T*>(p.v_cache.ptr) + slot_offset(slot, p.v_cache.page_stride, p.v_cache.slot_stride, p.v_cache.page_size);
+  if (!slot_in_range(slot, p.num_slots)) return;
+  T* const k_dst = static_cast<T*>(p.k_cache) +
+                   (p.paged ? slot_offset(slot, p.kc_page_stride, p.kc_slot_stride, p.kc_page_size) : slot * p.kc_page_stride);
+  T* const v_dst = static_cast<T*>(p.v_cache) +
+                   (p.paged ? slot_offset(slot, p.vc_page_stride, p.vc_slot_stride, p.vc_page_size) : slot * p.vc_page_stride);
 #pragma unroll
   for (int i = 0; i < 2; ++i)
     if (live[i]) store_chunk<T, W, true>((to_v[i] ? v_dst : k_dst) + dst_offset[i], x[i]);
@@ -498,7 +564,8 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
       }
     }
     if constexpr (WIDE && sizeof(T) == 2) {
-      if (const int d = small_call_head_dim<T, ROT>(p, enable_pdl)) {
+      const IndexType index_type = index_type_of(p);
+      if (const int d = small_call_head_dim<ROT>(p, index_type, enable_pdl)) {
         LaunchShape shape;
         const int threads = ROT ? kSmallCallThreadsPerBlock : std::min(kMaxThreadsPerBlock, (L.total + 31) / 32 * 32);
         shape.block = dim3(unsigned(threads));
@@ -508,7 +575,7 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
           launch(kernel, shape, stream, false, L, p);
         };
         auto with_index = [&](auto dim) {
-          if (index_type_of(p) == IndexType::i64) go(dim, IndexTag<IndexType::i64>{});
+          if (index_type == IndexType::i64) go(dim, IndexTag<IndexType::i64>{});
           else go(dim, IndexTag<IndexType::i32>{});
         };
         if (d == 64) with_index(std::integral_constant<int, 64>{});
@@ -545,8 +612,9 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
                                            : p.num_tokens >= kStorePairMinTokens;
       if (large_enough && per_token <= kStorePairThreads && L.tail_shift >= 0 && L.v_shift >= 0 &&
           token_blocks <= INT32_MAX) {
-        if (enable_pdl) return launch(store_kv_pairs_kernel<T, true>, shape, stream, true, L, p);
-        return launch(store_kv_pairs_kernel<T, false>, shape, stream, false, L, p);
+        const StorePairParams sp = store_pair_params(p, L);
+        if (enable_pdl) return launch(store_kv_pairs_kernel<T, true>, shape, stream, true, sp);
+        return launch(store_kv_pairs_kernel<T, false>, shape, stream, false, sp);
       }
     }
     launch_units(IndexTag<IndexType::any>{});

@@ -413,7 +413,9 @@ struct TokenIndex {
 // written, S being the slots both caches hold.
 ROPEKV_HD bool rotates_at(const RopeKVParams& p, int64_t pos) { return pos >= 0 && pos < p.max_pos; }
 
-ROPEKV_HD bool writes_slot(const RopeKVParams& p, int64_t slot) { return slot >= 0 && slot < p.num_slots; }
+// SPEC.md §2: a padding slot (< 0) or one past the caches (a caller bug) is not written.
+ROPEKV_HD bool slot_in_range(int64_t slot, int64_t num_slots) { return slot >= 0 && slot < num_slots; }
+ROPEKV_HD bool writes_slot(const RopeKVParams& p, int64_t slot) { return slot_in_range(slot, p.num_slots); }
 
 template <IndexType I = IndexType::any>
 ROPEKV_HD TokenIndex load_token_index(const RopeKVParams& p, bool rotates, bool writes, int64_t t) {
