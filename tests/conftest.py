@@ -49,6 +49,16 @@ def _backends():
 BACKENDS = _backends()
 
 
+# store_kv calls of at most this many 16-byte K and V chunks (all tokens) run the
+# CUDA small kernel when they fit it (kSmallStoreMaxUnits in cpp/src/cuda_rope_kv.cu).
+SMALL_STORE_MAX_UNITS = 2**17
+
+
+def small_store_max_tokens(num_heads: int, head_dim: int, itemsize: int = 2) -> int:
+    """The most tokens of a store_kv call (K and V heads alike) that the small kernel takes."""
+    return SMALL_STORE_MAX_UNITS // (2 * num_heads * head_dim * itemsize // 16)
+
+
 def cuda_kernel_names(fn) -> set:
     """The names of the package's CUDA kernels that fn launches (empty where the
     profiler records no kernels, as under compute-sanitizer)."""

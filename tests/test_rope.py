@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 import ropekv
 import reference as ref
 from cases import FLOATS, KVCase, build_kv, head_dims, kv_cases, make_inputs
-from conftest import cuda_kernel_names, force_backend
+from conftest import cuda_kernel_names, force_backend, small_store_max_tokens
 
 
 def cos_sin_cache(max_pos: int, rot_dim: int, dtype=torch.float32, base: float = 10000.0) -> torch.Tensor:
@@ -351,11 +351,11 @@ def test_large_narrow_head_call_takes_the_row_kernel(backend, cache_dtype):
 
 
 # ---- decode-sized calls (the CUDA small kernel) --------------------------------
-# CUDA calls of up to 32 rotating tokens (127 for store_kv) with f16/bf16 inputs,
-# heads of 64, 128 or 256 rotated whole, an fp32 cos/sin table, one index dtype
-# and no PDL run rope_kv_small_kernel (cpp/src/cuda_rope_kv.cu); others do not.
+# CUDA calls of up to 32 rotating tokens (store_kv: up to SMALL_STORE_MAX_UNITS
+# chunks) with f16/bf16 inputs, heads of 64, 128 or 256 rotated whole, an fp32
+# cos/sin table, one index dtype and no PDL run rope_kv_small_kernel
+# (cpp/src/cuda_rope_kv.cu); others do not.
 SMALL_KERNEL_MAX_TOKENS = 32
-SMALL_STORE_MAX_TOKENS = 127
 SMALL_CALL_CASES = [  # dtype, cache dtype, cache layout, page size, k scale, v scale
     (torch.bfloat16, None, "3d", 1, "none", "none"),
     (torch.float16, torch.float8_e4m3fn, "paged", 16, "per_head", "float"),
@@ -415,15 +415,15 @@ def test_small_kernel_takes_the_calls_it_serves(backend):
 
     def store_call(T):
         k, v = (torch.randn(T, hk, d, generator=gen).to(torch.bfloat16).cuda() for _ in range(2))
-        cache = [torch.zeros(256, hk, d, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
-        loc = torch.randperm(256, generator=gen)[:T].cuda()
+        cache = [torch.zeros(T + 64, hk, d, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+        loc = torch.randperm(T + 64, generator=gen)[:T].cuda()
         return lambda: ropekv.store_kv(k, v, cache[0], cache[1], loc)
 
     calls = {
         "fused at the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS), True),
-        "store_kv at the limit": (store_call(SMALL_STORE_MAX_TOKENS), True),
+        "store_kv at the limit": (store_call(small_store_max_tokens(hk, d)), True),
         "fused past the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS + 1), False),
-        "store_kv past the limit": (store_call(SMALL_STORE_MAX_TOKENS + 1), False),
+        "store_kv past the limit": (store_call(small_store_max_tokens(hk, d) + 1), False),
         "partial rotation": (fused_call(4, rot=64), False),
         "head size 96": (fused_call(4, head=96, rot=96), False),
         "bf16 cos/sin": (fused_call(4, cs_dtype=torch.bfloat16), False),

@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 import ropekv
 import reference as ref
 from cases import KVCase, build_kv, kv_cases
-from conftest import cuda_kernel_names
+from conftest import cuda_kernel_names, small_store_max_tokens
 
 
 def run_store_case(case: KVCase, device: torch.device) -> None:
@@ -142,15 +142,16 @@ def test_fp8_every_input_value(backend, input_dtype):
             assert torch.equal(ref.bits(vc).cpu(), got)
 
 
-@pytest.mark.parametrize("T", [1, 127])
+@pytest.mark.parametrize("size", ["one", "limit"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("cache", [(None, "3d", 1, "none", "none"),
                                    (torch.float8_e4m3fn, "paged_padded", 16, "per_head", "float")],
                          ids=["same-dtype", "e4m3-paged"])
-def test_store_kv_small_calls(backend, cache, d, T):
-    """store_kv calls below 128 tokens with heads of 64, 128 or 256 (the CUDA
-    small kernel, which the test checks ran), padding and out-of-range slots
-    among them."""
+def test_store_kv_small_calls(backend, cache, d, size):
+    """store_kv calls of 1 token and of the most the CUDA small kernel takes
+    (which the test checks ran), with heads of 64, 128 or 256, padding and
+    out-of-range slots among them."""
+    T = 1 if size == "one" else small_store_max_tokens(3, d)
     cache_dtype, layout, page_size, k_scale, v_scale = cache
     case = KVCase(T=T, hk=3, dk=d, hv=3, dv=d, dtype=torch.bfloat16, cache_dtype=cache_dtype, input_layout="3d",
                   cache_layout=layout, page_size=page_size, index_dtype=torch.int32, k_scale=k_scale,
