@@ -101,8 +101,8 @@ constexpr int64_t kSmallRotMaxTokens = kTypedIndexMaxTokens;
 // store_kv calls of up to this many units (K and V chunks of all tokens: 512
 // tokens of the Llama shape, 1024 of gpt-oss) take it too. Measured against
 // the two-unit kernel (benchmarks/NOTES.md, v16, Llama shape): 192 / 256 / 512
-// tokens 1.86 / 1.99 / 2.26 -> 1.79 / 1.89 / 2.19 µs, level at 128; 1024
-// tokens 2.93 -> 3.15, slower (gpt-oss at 1024, the same units: 2.27 -> 2.22).
+// tokens 1.86 / 1.99 / 2.26 -> 1.79 / 1.90 / 2.20 µs, level at 128; 1024
+// tokens 2.96 -> 3.14, slower (gpt-oss at 1024, the same units: 2.26 -> 2.22).
 constexpr int64_t kSmallStoreMaxUnits = int64_t(1) << 17;
 
 template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, UnitKind K>

@@ -304,8 +304,9 @@ ROPEKV_HD void write_cache_chunk(C* dst, const CacheScale& scale, const Chunk<T,
 #if defined(__CUDA_ARCH__)
       // Only scales outside the reciprocal's range come here. The IEEE division
       // runs in a loop that is not unrolled, so that one copy of its code rather
-      // than N sits in the kernel beside the fast path (benchmarks/NOTES.md,
-      // v16: a kernel without this branch ran small fp8 calls 0.03-0.06 µs faster).
+      // than N sits in the kernel beside the fast path (benchmarks/NOTES.md, v16:
+      // fp8 fused calls of 128 tokens 2.87 -> 2.77 µs, smaller ones level; a
+      // kernel without the branch at all ran 1-32 tokens 0.03-0.06 µs faster).
       float f[N];
 #pragma unroll
       for (int i = 0; i < N; ++i) f[i] = Elem<T>::load(x.e[i]);
