@@ -49,14 +49,20 @@ def _backends():
 BACKENDS = _backends()
 
 
-# store_kv calls of at most this many 16-byte K and V chunks (all tokens) run the
-# CUDA small kernel when they fit it (kSmallStoreMaxUnits in cpp/src/cuda_rope_kv.cu).
+# store_kv calls that fit the CUDA small kernel take it up to 127 tokens, and
+# those with at least 128 16-byte K and V chunks per token up to 2^17 chunks in
+# all (kSmallStore* in cpp/src/cuda_rope_kv.cu).
+SMALL_STORE_MAX_TOKENS = 127
+SMALL_STORE_WIDE_UNITS = 128
 SMALL_STORE_MAX_UNITS = 2**17
 
 
 def small_store_max_tokens(num_heads: int, head_dim: int, itemsize: int = 2) -> int:
     """The most tokens of a store_kv call (K and V heads alike) that the small kernel takes."""
-    return SMALL_STORE_MAX_UNITS // (2 * num_heads * head_dim * itemsize // 16)
+    units = 2 * num_heads * head_dim * itemsize // 16
+    if units < SMALL_STORE_WIDE_UNITS:
+        return SMALL_STORE_MAX_TOKENS
+    return max(SMALL_STORE_MAX_TOKENS, SMALL_STORE_MAX_UNITS // units)
 
 
 def cuda_kernel_names(fn) -> set:

@@ -351,9 +351,9 @@ def test_large_narrow_head_call_takes_the_row_kernel(backend, cache_dtype):
 
 
 # ---- decode-sized calls (the CUDA small kernel) --------------------------------
-# CUDA calls of up to 32 rotating tokens (store_kv: up to SMALL_STORE_MAX_UNITS
-# chunks) with f16/bf16 inputs, heads of 64, 128 or 256 rotated whole, an fp32
-# cos/sin table, one index dtype and no PDL run rope_kv_small_kernel
+# CUDA calls of up to 32 rotating tokens (store_kv: see small_store_max_tokens)
+# with f16/bf16 inputs, heads of 64, 128 or 256 rotated whole, an fp32 cos/sin
+# table, one index dtype and no PDL run rope_kv_small_kernel
 # (cpp/src/cuda_rope_kv.cu); others do not.
 SMALL_KERNEL_MAX_TOKENS = 32
 SMALL_CALL_CASES = [  # dtype, cache dtype, cache layout, page size, k scale, v scale
@@ -413,9 +413,9 @@ def test_small_kernel_takes_the_calls_it_serves(backend):
         cs = cos_sin_cache(100, rot, cs_dtype).cuda()
         return lambda: ropekv.apply_rope_with_cos_sin_cache_inplace(pos, q, k, head, cs, True, arg, enable_pdl=pdl)
 
-    def store_call(T):
-        k, v = (torch.randn(T, hk, d, generator=gen).to(torch.bfloat16).cuda() for _ in range(2))
-        cache = [torch.zeros(T + 64, hk, d, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    def store_call(T, heads=hk):
+        k, v = (torch.randn(T, heads, d, generator=gen).to(torch.bfloat16).cuda() for _ in range(2))
+        cache = [torch.zeros(T + 64, heads, d, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
         loc = torch.randperm(T + 64, generator=gen)[:T].cuda()
         return lambda: ropekv.store_kv(k, v, cache[0], cache[1], loc)
 
@@ -424,6 +424,8 @@ def test_small_kernel_takes_the_calls_it_serves(backend):
         "store_kv at the limit": (store_call(small_store_max_tokens(hk, d)), True),
         "fused past the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS + 1), False),
         "store_kv past the limit": (store_call(small_store_max_tokens(hk, d) + 1), False),
+        "wide store_kv at the limit": (store_call(small_store_max_tokens(8, d), heads=8), True),
+        "wide store_kv past the limit": (store_call(small_store_max_tokens(8, d) + 1, heads=8), False),
         "partial rotation": (fused_call(4, rot=64), False),
         "head size 96": (fused_call(4, head=96, rot=96), False),
         "bf16 cos/sin": (fused_call(4, cs_dtype=torch.bfloat16), False),

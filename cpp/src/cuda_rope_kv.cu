@@ -98,11 +98,17 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
 // 1.65 / 1.78 µs, RoPE alone 1.69 / 1.77 / 1.82 -> 1.54 / 1.62 / 1.73,
 // store_kv 1.45 / 1.54 / 1.61 -> 1.40 / 1.48 / 1.53.
 constexpr int64_t kSmallRotMaxTokens = kTypedIndexMaxTokens;
-// store_kv calls of up to this many units (K and V chunks of all tokens: 512
-// tokens of the Llama shape, 1024 of gpt-oss) take it too. Measured against
-// the two-unit kernel (benchmarks/NOTES.md, v16, Llama shape): 192 / 256 / 512
-// tokens 1.86 / 1.99 / 2.26 -> 1.79 / 1.90 / 2.20 µs, level at 128; 1024
-// tokens 2.96 -> 3.14, slower (gpt-oss at 1024, the same units: 2.26 -> 2.22).
+// store_kv calls take it up to kSmallStoreMaxTokens tokens, and calls with at
+// least kSmallStoreWideUnits units per token (K and V chunks: a block of 128
+// threads or more) up to kSmallStoreMaxUnits units in all: 512 tokens of the
+// Llama shape, 1024 of gpt-oss. Measured against the two-unit kernel
+// (benchmarks/NOTES.md, v16, Llama shape): 192 / 256 / 512 tokens 1.86 / 1.99
+// / 2.26 -> 1.79 / 1.90 / 2.20 µs, level at 128; 1024 tokens 2.96 -> 3.14,
+// slower (gpt-oss at 1024, the same units: 2.26 -> 2.22). Calls with fewer
+// units per token (one or two KV heads, as under tensor parallelism) would run
+// blocks of 32 or 64 threads, which were not measured past 127 tokens.
+constexpr int64_t kSmallStoreMaxTokens = 127;
+constexpr int kSmallStoreWideUnits = 128;
 constexpr int64_t kSmallStoreMaxUnits = int64_t(1) << 17;
 
 template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, UnitKind K>
@@ -182,15 +188,19 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
 template <bool ROT>
 int small_call_head_dim(const RopeKVParams& p, const UnitLayout& L, IndexType index_type, bool enable_pdl) {
   if (enable_pdl || index_type == IndexType::any) return 0;
-  if (ROT ? p.num_tokens > kSmallRotMaxTokens : p.num_tokens * L.total > kSmallStoreMaxUnits) return 0;
+  if (ROT && p.num_tokens > kSmallRotMaxTokens) return 0;
+  if (!ROT && p.num_tokens > kSmallStoreMaxTokens &&
+      (L.total < kSmallStoreWideUnits || p.num_tokens * L.total > kSmallStoreMaxUnits))
+    return 0;
   if (ROT && (p.rot_dim != p.head_dim || !p.cos_sin_vec4)) return 0;
   if (p.write_cache && p.v_head_dim != p.head_dim) return 0;
   return p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256 ? p.head_dim : 0;
 }
 
 // ---- store_kv from kStorePairMinTokens tokens: two units per thread ----------
-// (Without PDL, store_kv calls that the small kernel serves take it instead:
-// up to kSmallStoreMaxUnits units it is faster.) Thread x of a token copies its units x and x + P (P threads per token: half
+// (Calls without PDL that the small kernel serves take it instead: up to
+// kSmallStoreMaxUnits units it is faster.) Thread x of a token copies its
+// units x and x + P (P threads per token: half
 // the token's units, rounded up to whole warps), both loads issued before
 // either store: twice the bytes in flight per thread, half the threads, and the
 // slot's offset computed once per cache rather than once per unit. Blocks of
