@@ -200,12 +200,11 @@ int small_call_head_dim(const RopeKVParams& p, const UnitLayout& L, IndexType in
 // ---- store_kv from kStorePairMinTokens tokens: two units per thread ----------
 // (Calls without PDL that the small kernel serves take it instead: up to
 // kSmallStoreMaxUnits units it is faster.) Thread x of a token copies its
-// units x and x + P (P threads per token: half
-// the token's units, rounded up to whole warps), both loads issued before
-// either store: twice the bytes in flight per thread, half the threads, and the
-// slot's offset computed once per cache rather than once per unit. Blocks of
-// kStorePairThreads threads stack tokens, one token per thread and a block for
-// every token. For caches of the input dtype with power-of-two units per head
+// units x and x + P (P threads per token: half the token's units, rounded up
+// to whole warps), both loads issued before either store: twice the bytes in
+// flight per thread, half the threads, and the slot's offset computed once per
+// cache rather than once per unit. Blocks of kStorePairThreads threads stack
+// tokens, one token per thread and a block for every token. For caches of the input dtype with power-of-two units per head
 // (every common head size); measured (benchmarks/NOTES.md, v12, Llama shape):
 // 128 tokens 1.93 -> 1.75 µs, 2048 tokens 4.57 -> 4.30, 32768 tokens 97.4 ->
 // 95.6. Three things the unit kernel does cost this one 0.1-0.25 µs each at
