@@ -55,6 +55,12 @@ BACKENDS = _backends()
 SMALL_STORE_MAX_TOKENS = 127
 SMALL_STORE_WIDE_UNITS = 128
 SMALL_STORE_MAX_UNITS = 2**17
+# store_kv calls into a cache of the input dtype whose K (or V) row is at least
+# this many 16-byte chunks, with heads dense in the input and in a slot, take the
+# rows kernel instead, at any size (with PDL up to 2^15 chunks of K and V in
+# all): kStoreRows* in cpp/src/cuda_rope_kv.cu.
+STORE_ROWS_MIN_UNITS = 64
+STORE_ROWS_MAX_UNITS_PDL = 2**15
 
 
 def small_store_max_tokens(num_heads: int, head_dim: int, itemsize: int = 2) -> int:
@@ -63,6 +69,11 @@ def small_store_max_tokens(num_heads: int, head_dim: int, itemsize: int = 2) -> 
     if units < SMALL_STORE_WIDE_UNITS:
         return SMALL_STORE_MAX_TOKENS
     return max(SMALL_STORE_MAX_TOKENS, SMALL_STORE_MAX_UNITS // units)
+
+
+def store_rows_wide_enough(num_heads: int, head_dim: int, itemsize: int = 2) -> bool:
+    """Whether a store_kv row of num_heads heads is wide enough for the rows kernel."""
+    return num_heads * head_dim * itemsize // 16 >= STORE_ROWS_MIN_UNITS
 
 
 def cuda_kernel_names(fn) -> set:

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 import ropekv
 import reference as ref
 from cases import FLOATS, KVCase, build_kv, head_dims, kv_cases, make_inputs
-from conftest import cuda_kernel_names, force_backend, small_store_max_tokens
+from conftest import STORE_ROWS_MAX_UNITS_PDL, cuda_kernel_names, force_backend, small_store_max_tokens
 
 
 def cos_sin_cache(max_pos: int, rot_dim: int, dtype=torch.float32, base: float = 10000.0) -> torch.Tensor:
@@ -210,8 +210,9 @@ def test_enable_pdl_gives_the_same_bits(backend, T):
     with each call's inputs written by the kernel just before it: the same bits
     as the default launch, for store_kv and the fused call, at sizes that take
     the typed-index, general and two-units-per-thread kernels (store_kv takes
-    the last from 128 tokens by default, with PDL from 2^20 16-byte units, which
-    8200 tokens are here)."""
+    the rows kernel by default, and with PDL up to 2^15 16-byte units, 128
+    tokens here; past that the unit kernel, and from 2^20 units, which 8200
+    tokens are here, the two-unit kernel)."""
     device = backend[1]
     gen = torch.Generator().manual_seed(T)
     H, D, slots, max_pos = 8, 128, T + 50, 4096
@@ -240,16 +241,16 @@ def test_enable_pdl_gives_the_same_bits(backend, T):
         assert torch.equal(ref.bits(a), ref.bits(b))
 
 
-@pytest.mark.parametrize("T", [1, 29, 40])
+@pytest.mark.parametrize("T", [1, 29, 40, 130])
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["bf16-cache", "e4m3-cache"])
 @pytest.mark.parametrize("loc_dtype", [None, torch.int32, torch.int64], ids=["rope", "loc32", "loc64"])
 @pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64], ids=["pos32", "pos64"])
 def test_every_pairing_of_index_dtypes(backend, pos_dtype, loc_dtype, cache_dtype, T):
-    """Rotating CUDA calls of up to 32 tokens run a kernel compiled for their
-    index dtype, or one that reads each index as its dtype says for a mixed
-    pair; larger calls always the latter. Each pairing, at 1, 29 and 40 tokens,
-    with positions outside the table and padding and out-of-range slots among
-    the tokens."""
+    """Rotating CUDA calls with one index dtype run kernels compiled for it (the
+    small kernel up to 128 tokens, here), mixed pairs of up to 32 tokens a unit
+    kernel that reads each index as its dtype says, and larger calls always
+    the latter. Each pairing, at 1, 29, 40 and 130 tokens, with positions
+    outside the table and padding and out-of-range slots among the tokens."""
     if loc_dtype is None and cache_dtype is not None:
         pytest.skip("RoPE alone writes no cache")
     kv = None
@@ -351,11 +352,11 @@ def test_large_narrow_head_call_takes_the_row_kernel(backend, cache_dtype):
 
 
 # ---- decode-sized calls (the CUDA small kernel) --------------------------------
-# CUDA calls of up to 32 rotating tokens (store_kv: see small_store_max_tokens)
+# CUDA calls of up to 128 rotating tokens (store_kv: see small_store_max_tokens)
 # with f16/bf16 inputs, heads of 64, 128 or 256 rotated whole, an fp32 cos/sin
 # table, one index dtype and no PDL run rope_kv_small_kernel
 # (cpp/src/cuda_rope_kv.cu); others do not.
-SMALL_KERNEL_MAX_TOKENS = 32
+SMALL_KERNEL_MAX_TOKENS = 128
 SMALL_CALL_CASES = [  # dtype, cache dtype, cache layout, page size, k scale, v scale
     (torch.bfloat16, None, "3d", 1, "none", "none"),
     (torch.float16, torch.float8_e4m3fn, "paged", 16, "per_head", "float"),
@@ -369,18 +370,19 @@ def small_kv(T, hk, d, dtype, cache_dtype, cache_layout, page_size, k_scale, v_s
                   v_scale=v_scale, pad_frac=0.2, oob_frac=0.1, seed=seed)
 
 
-@pytest.mark.parametrize("T", [1, SMALL_KERNEL_MAX_TOKENS, SMALL_KERNEL_MAX_TOKENS + 1])
+@pytest.mark.parametrize("size", ["one", "limit", "past"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "rope"])
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("kind", range(len(SMALL_CALL_CASES)))
-def test_small_calls_match_reference(backend, kind, d, neox, fused, T):
+def test_small_calls_match_reference(backend, kind, d, neox, fused, size):
     """Decode-sized calls of each head size the small kernel compiles, both
-    rotation styles, bf16 and fp8 caches (paged among them, every scale kind),
-    padding and out-of-range slots, positions outside the table; at the token
-    limit and one token past it (the unit kernel; on CUDA the test checks which
-    kernel ran)."""
+    rotation styles, bf16 and fp8 caches (paged among them, every scale kind;
+    into an fp8 cache a NeoX k unit is split over two threads), padding and
+    out-of-range slots, positions outside the table; at the token limit and one
+    token past it (the unit kernel; on CUDA the test checks which kernel ran)."""
     dtype, *cache = SMALL_CALL_CASES[kind]
+    T = {"one": 1, "limit": SMALL_KERNEL_MAX_TOKENS, "past": SMALL_KERNEL_MAX_TOKENS + 1}[size]
     kv = small_kv(T, 2, d, dtype, *cache, seed=d + T) if fused else None
     # Contiguous inputs: 16-byte aligned, as the small kernel needs (views into a
     # fused qkv tensor with an odd lead would take the narrow path).
@@ -395,45 +397,60 @@ def test_small_calls_match_reference(backend, kind, d, neox, fused, T):
 
 
 def test_small_kernel_takes_the_calls_it_serves(backend):
-    """Which calls run the small kernel (kernel names from the profiler): fused
-    and store_kv calls at their token limits do, one token more, a partial
-    rotation, a head size it does not compile, a bf16 cos/sin table or PDL do
-    not."""
+    """Which calls run the small kernel and which the store_kv rows kernel
+    (kernel names from the profiler): fused calls at their token limit (bf16
+    and fp8 caches) and narrow store_kv calls at theirs run the small kernel; one token more, a partial rotation, a head size it does not
+    compile, a bf16 cos/sin table or PDL do not. store_kv calls with K and V
+    rows of at least 64 chunks into a cache of the input dtype run the rows
+    kernel at any size (with PDL up to 2^15 chunks), into an fp8 cache or with
+    heads apart in the input they do not."""
     needs_native_cuda(backend)
     gen = torch.Generator().manual_seed(3)
     hq, hk, d = 8, 2, 128
 
-    def fused_call(T, head=d, rot=d, cs_dtype=torch.float32, pdl=False):
+    def fused_call(T, head=d, rot=d, cs_dtype=torch.float32, pdl=False, cache_dtype=torch.bfloat16):
         qkv = torch.randn(T, (hq + 2 * hk) * head, generator=gen).to(torch.bfloat16).cuda()
         q, k, v = qkv[:, : hq * head], qkv[:, hq * head : (hq + hk) * head], qkv[:, (hq + hk) * head :]
-        cache = [torch.zeros(64, hk, head, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+        cache = [torch.zeros(T + 64, hk, head, dtype=cache_dtype, device="cuda") for _ in range(2)]
         arg = ropekv.FusedSetKVBufferArg(value=v, k_buffer=cache[0], v_buffer=cache[1],
-                                         cache_loc=torch.randperm(64, generator=gen)[:T].cuda())
+                                         cache_loc=torch.randperm(T + 64, generator=gen)[:T].cuda())
         pos = torch.randint(0, 100, (T,), generator=gen).cuda()
         cs = cos_sin_cache(100, rot, cs_dtype).cuda()
         return lambda: ropekv.apply_rope_with_cos_sin_cache_inplace(pos, q, k, head, cs, True, arg, enable_pdl=pdl)
 
-    def store_call(T, heads=hk):
-        k, v = (torch.randn(T, heads, d, generator=gen).to(torch.bfloat16).cuda() for _ in range(2))
-        cache = [torch.zeros(T + 64, heads, d, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    def store_call(T, heads=hk, cache_dtype=torch.bfloat16, head_gap=0, pdl=False):
+        k, v = (torch.randn(T, heads, d + head_gap, generator=gen).to(torch.bfloat16).cuda()[..., :d] for _ in range(2))
+        cache = [torch.zeros(T + 64, heads, d, dtype=cache_dtype, device="cuda") for _ in range(2)]
         loc = torch.randperm(T + 64, generator=gen)[:T].cuda()
-        return lambda: ropekv.store_kv(k, v, cache[0], cache[1], loc)
+        return lambda: ropekv.store_kv(k, v, cache[0], cache[1], loc, enable_pdl=pdl)
 
+    fp8 = torch.float8_e4m3fn
+    rows_pdl_tokens = STORE_ROWS_MAX_UNITS_PDL // (2 * 8 * d * 2 // 16)
+    small, rows, other = "rope_kv_small_kernel", "store_kv_rows_kernel", None
     calls = {
-        "fused at the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS), True),
-        "store_kv at the limit": (store_call(small_store_max_tokens(hk, d)), True),
-        "fused past the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS + 1), False),
-        "store_kv past the limit": (store_call(small_store_max_tokens(hk, d) + 1), False),
-        "wide store_kv at the limit": (store_call(small_store_max_tokens(8, d), heads=8), True),
-        "wide store_kv past the limit": (store_call(small_store_max_tokens(8, d) + 1, heads=8), False),
-        "partial rotation": (fused_call(4, rot=64), False),
-        "head size 96": (fused_call(4, head=96, rot=96), False),
-        "bf16 cos/sin": (fused_call(4, cs_dtype=torch.bfloat16), False),
-        "pdl": (fused_call(4, pdl=True), False),
+        "fused at the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS), small),
+        "fused past the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS + 1), other),
+        "fused into fp8 at the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS, cache_dtype=fp8), small),
+        "fused into fp8 past the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS + 1, cache_dtype=fp8), other),
+        "store_kv at the limit": (store_call(small_store_max_tokens(hk, d)), small),
+        "store_kv past the limit": (store_call(small_store_max_tokens(hk, d) + 1), other),
+        "wide store_kv, 1 token": (store_call(1, heads=8), rows),
+        "wide store_kv, 5000 tokens": (store_call(5000, heads=8), rows),
+        "wide store_kv with PDL at its limit": (store_call(rows_pdl_tokens, heads=8, pdl=True), rows),
+        "wide store_kv with PDL past it": (store_call(rows_pdl_tokens + 1, heads=8, pdl=True), other),
+        "wide store_kv, heads apart in the input": (store_call(4, heads=8, head_gap=8), small),
+        "wide store_kv into fp8 at the limit": (store_call(small_store_max_tokens(8, d), heads=8, cache_dtype=fp8), small),
+        "wide store_kv into fp8 past the limit": (
+            store_call(small_store_max_tokens(8, d) + 1, heads=8, cache_dtype=fp8), other),
+        "partial rotation": (fused_call(4, rot=64), other),
+        "head size 96": (fused_call(4, head=96, rot=96), other),
+        "bf16 cos/sin": (fused_call(4, cs_dtype=torch.bfloat16), other),
+        "pdl": (fused_call(4, pdl=True), other),
     }
     seen = {name: cuda_kernel_names(fn) for name, (fn, _) in calls.items()}
     if not any(seen.values()):
         pytest.skip("the profiler records no CUDA kernels here (under compute-sanitizer, for one)")
-    for name, (_, small) in calls.items():
+    for name, (_, kernel) in calls.items():
         assert seen[name], name
-        assert any("rope_kv_small_kernel" in n for n in seen[name]) == small, (name, seen[name])
+        for family in (small, rows):
+            assert any(family in n for n in seen[name]) == (kernel == family), (name, seen[name])

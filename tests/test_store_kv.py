@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 import ropekv
 import reference as ref
 from cases import KVCase, build_kv, kv_cases
-from conftest import cuda_kernel_names, small_store_max_tokens
+from conftest import cuda_kernel_names, small_store_max_tokens, store_rows_wide_enough
 
 
 def run_store_case(case: KVCase, device: torch.device) -> None:
@@ -148,9 +148,10 @@ def test_fp8_every_input_value(backend, input_dtype):
                                    (torch.float8_e4m3fn, "paged_padded", 16, "per_head", "float")],
                          ids=["same-dtype", "e4m3-paged"])
 def test_store_kv_small_calls(backend, cache, d, size):
-    """store_kv calls of 1 token and of the most the CUDA small kernel takes
-    (which the test checks ran), with heads of 64, 128 or 256, padding and
-    out-of-range slots among them."""
+    """store_kv calls of 1 token and of the most the CUDA small kernel takes,
+    with heads of 64, 128 or 256, padding and out-of-range slots among them.
+    The test checks which kernel ran: the small kernel, or the rows kernel for
+    K and V rows of 64 chunks or more into a cache of the input dtype."""
     T = 1 if size == "one" else small_store_max_tokens(3, d)
     cache_dtype, layout, page_size, k_scale, v_scale = cache
     case = KVCase(T=T, hk=3, dk=d, hv=3, dv=d, dtype=torch.bfloat16, cache_dtype=cache_dtype, input_layout="3d",
@@ -160,5 +161,31 @@ def test_store_kv_small_calls(backend, cache, d, size):
         run_store_case(case, backend[1])
         return
     names = cuda_kernel_names(lambda: run_store_case(case, backend[1]))
+    rows = cache_dtype is None and store_rows_wide_enough(3, d)
     if names:
-        assert any("rope_kv_small_kernel" in n for n in names), names
+        assert any(("store_kv_rows_kernel" if rows else "rope_kv_small_kernel") in n for n in names), names
+
+
+@pytest.mark.parametrize("T", [1, 37, 300])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", [("3d", "3d", 1), ("2d", "2d", 1), ("3d", "paged", 16), ("2d", "slot_padded", 1)],
+                         ids=["3d-3d", "2d-2d", "3d-paged", "2d-slot_padded"])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_store_kv_rows_kernel(backend, index_dtype, layout, dtype, T):
+    """store_kv calls the CUDA rows kernel takes (heads dense in the input and in
+    a slot, rows of 64 chunks or more, a cache of the input dtype): 3-D and 2-D
+    tensors, contiguous pages, slots further apart than a row; K and V of
+    different widths (K's row the wider); padding and out-of-range slots. The
+    test checks that the rows kernel ran. (Views into a fused qkv tensor take it
+    in test_enable_pdl_gives_the_same_bits.)"""
+    input_layout, cache_layout, page_size = layout
+    hk, hv, dk, dv = 8, 3, 128, 64
+    case = KVCase(T=T, hk=hk, dk=dk, hv=hv, dv=dv, dtype=dtype, cache_dtype=None, input_layout=input_layout,
+                  cache_layout=cache_layout, page_size=page_size, index_dtype=index_dtype, k_scale="none",
+                  v_scale="none", pad_frac=0.2, oob_frac=0.1, seed=T + dk)
+    if backend != ("native", torch.device("cuda")):
+        run_store_case(case, backend[1])
+        return
+    names = cuda_kernel_names(lambda: run_store_case(case, backend[1]))
+    if names:
+        assert any("store_kv_rows_kernel" in n for n in names), names

@@ -96,8 +96,17 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
 // the unit kernel, through the same helpers. Measured (benchmarks/NOTES.md,
 // v15, Llama shape, 1 / 8 / 32 tokens): fused 1.72 / 1.83 / 1.91 -> 1.58 /
 // 1.65 / 1.78 µs, RoPE alone 1.69 / 1.77 / 1.82 -> 1.54 / 1.62 / 1.73,
-// store_kv 1.45 / 1.54 / 1.61 -> 1.40 / 1.48 / 1.53.
-constexpr int64_t kSmallRotMaxTokens = kTypedIndexMaxTokens;
+// store_kv 1.45 / 1.54 / 1.61 -> 1.40 / 1.48 / 1.53. Rotating calls take it up
+// to kSmallRotMaxTokens tokens: v17 measured fused calls into an fp8 cache of
+// 64 / 128 tokens at 2.55 / 2.73 µs in the unit kernel and 2.05 / 2.23 in this
+// one, faster than the bf16-cache calls in the unit kernel (2.24 / 2.32).
+constexpr int64_t kSmallRotMaxTokens = 128;
+// Into an fp8 cache the conversion (a division made exact by two corrections)
+// is most of a k unit's work after its cos/sin row arrives; split over two
+// threads, each converting half of the unit's 2W elements, fp8 fused calls
+// ran 0.14-0.19 µs faster at 1-32 tokens, while splitting a bf16 call's q or k
+// units gained nothing (benchmarks/NOTES.md, v17).
+constexpr bool kSmallSplitFp8K = true;
 // store_kv calls take it up to kSmallStoreMaxTokens tokens, and calls with at
 // least kSmallStoreWideUnits units per token (K and V chunks: a block of 128
 // threads or more) up to kSmallStoreMaxUnits units in all: 512 tokens of the
@@ -118,13 +127,18 @@ __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int
   constexpr bool kRotates = K == UnitKind::q_rot || K == UnitKind::k_rot;
   constexpr bool kFp8 = !std::is_same_v<T, C>;
   constexpr int kPerHead = kRotates && NEOX ? D / 2 / W : D / W;
+  // Into an fp8 cache, a NeoX k unit is two threads, one per half of the
+  // rotated pair (see kSmallSplitFp8K): each converts W elements, not 2W.
+  constexpr bool kSplit = kSmallSplitFp8K && kFp8 && NEOX && K == UnitKind::k_rot;
+  constexpr int kThreadsPerHead = kSplit ? 2 * kPerHead : kPerHead;
   const TokenTensor& x = kQ ? p.q : kV ? p.v : p.k;
   const CacheTensor& cache = kV ? p.v_cache : p.k_cache;
   const bool writes = !kQ && p.write_cache;
   int64_t slot = -1, pos = 0;
   if (writes) slot = load_index<I>(p.loc, p.loc_i64, t);
   if (kRotates) pos = load_index<I>(p.positions, p.positions_i64, t);
-  const int head = int(unsigned(w) / kPerHead), j = int(unsigned(w) % kPerHead);
+  const int head = int(unsigned(w) / kThreadsPerHead), j = int(unsigned(w) % kPerHead);
+  const int half = kSplit ? int(unsigned(w) % kThreadsPerHead) / kPerHead : 0;
   T* const src = static_cast<T*>(x.ptr) + t * x.token_stride + head * x.head_stride + j * W;
   Chunk<T, W> lo = load_chunk<T, W, true>(src), hi;
   if constexpr (kRotates && NEOX) hi = load_chunk<T, W, true>(src + D / 2);
@@ -148,7 +162,15 @@ __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int
     }
     // The reciprocal is made while the cos/sin row is in flight.
     if constexpr (kFp8 && !kQ) scale = cache_scale(scale_value);
-    if (rotates) {
+    if constexpr (kSplit) {
+      // This thread's half of each rotated pair, into lo.
+      if (rotates) {
+        lo = rotate_half<T, W>(cs, lo, hi, half);
+        store_chunk<T, W, true>(src + half * (D / 2), lo);
+      } else if (half) {
+        lo = hi;
+      }
+    } else if (rotates) {
       rotate_chunk<T, NEOX, W>(cs, lo, hi);
       store_chunk<T, W, true>(src, lo);
       if constexpr (NEOX) store_chunk<T, W, true>(src + D / 2, hi);
@@ -159,16 +181,17 @@ __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int
     // slot_offset's test of the cache's page size, read from further on.
     const int64_t at = p.paged ? slot_offset(slot, cache.page_stride, cache.slot_stride, cache.page_size)
                                : slot * cache.page_stride;
-    C* const dst = static_cast<C*>(cache.ptr) + at + head * cache.head_stride + j * W;
+    C* const dst = static_cast<C*>(cache.ptr) + at + head * cache.head_stride + j * W + half * (D / 2);
     if constexpr (kFp8 && !kRotates) scale = cache_scale(scale_value);
     write_cache_chunk<T, C, W, true, ROT>(dst, scale, lo);
-    if constexpr (kRotates && NEOX) write_cache_chunk<T, C, W, true, ROT>(dst + D / 2, scale, hi);
+    if constexpr (kRotates && NEOX && !kSplit) write_cache_chunk<T, C, W, true, ROT>(dst + D / 2, scale, hi);
   }
 }
 
 // threadIdx.x and blockIdx.y pick the unit, blockIdx.x the token. Rotating
-// calls have q, k and v units (no tail: the heads are rotated whole), store_kv
-// k and v units.
+// calls have q, k and v units (no tail: the heads are rotated whole; into an
+// fp8 cache, two threads per NeoX k unit: the launcher's layout counts them),
+// store_kv k and v units.
 template <class T, class C, bool NEOX, int D, bool ROT, IndexType I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     rope_kv_small_kernel(const UnitLayout L, const RopeKVParams p) {
@@ -320,6 +343,99 @@ __global__ void __launch_bounds__(kStorePairThreads) store_kv_pairs_kernel(const
 #pragma unroll
   for (int i = 0; i < 2; ++i)
     if (live[i]) store_chunk<T, W, true>((to_v[i] ? v_dst : k_dst) + dst_offset[i], x[i]);
+}
+
+// ---- store_kv into a cache of the input dtype: whole rows ------------------
+// When a token's K heads lie back to back in the input and in a cache slot
+// (head stride = head size: views into a fused qkv tensor, contiguous or
+// paged caches), the token's K row and V row are each one run of chunks, and
+// thread i of a token copies K chunk i and V chunk i: no head or unit to
+// decode, both loads issued together, one token per block (or per grid
+// column of blocks of kStoreRowsThreads). Everything the kernel reads fits in
+// 64 bytes of parameters. Measured against the two-unit and small kernels
+// (benchmarks/NOTES.md, v17, Llama shape, µs at 1 / 8 / 32 / 128 / 512 / 2048
+// / 8192 / 32768 tokens): 1.29 / 1.49 / 1.55 / 1.75 / 2.17 / 4.24 / 25.2 /
+// 94.3 -> 1.27 / 1.32 / 1.38 / 1.62 / 2.04 / 4.09 / 25.1 / 94.4. Tokens of
+// fewer than kStoreRowsMinThreads chunks (one or two heads, as under tensor
+// parallelism) were not measured and keep the other kernels.
+constexpr int kStoreRowsThreads = 128;
+constexpr int kStoreRowsMinThreads = 64;
+// With PDL it is faster up to this many units (K and V chunks) per call and
+// slower past it (v17: Llama 128 tokens 1.29 -> 1.08 µs, 512 tokens 1.65 ->
+// 1.74; gpt-oss 2048 tokens 2.42 -> 2.97).
+constexpr int64_t kStoreRowsMaxUnitsPDL = int64_t(1) << 15;
+
+struct StoreRowsParams {
+  const void* loc = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  int32_t k_token_stride = 0, v_token_stride = 0;  // in elements
+  int32_t k_slot_stride = 0, v_slot_stride = 0;    // in elements: slot s starts at s * stride
+  int32_t num_slots = 0;
+  uint16_t k_units = 0, v_units = 0;  // chunks per token
+};
+
+// The slot stride of a cache whose slots are evenly spaced (unpaged, or pages
+// of page_size slots back to back) and whose heads are dense, or -1.
+int64_t even_slot_stride(const CacheTensor& c, int head_dim) {
+  if (c.head_stride != head_dim) return -1;
+  if (c.page_size == 1) return c.page_stride;
+  return c.page_stride == c.page_size * c.slot_stride ? c.slot_stride : -1;
+}
+
+// The rows kernel's parameters for a store_kv call into a cache of the input
+// dtype, or false when the call's layout or sizes do not fit it.
+template <class T>
+bool store_rows_params(const RopeKVParams& p, StoreRowsParams& s) {
+  constexpr int W = chunk_elems<T, false, true>();
+  const int64_t kc = even_slot_stride(p.k_cache, p.head_dim), vc = even_slot_stride(p.v_cache, p.v_head_dim);
+  const int64_t k_units = int64_t(p.num_k_heads) * p.head_dim / W, v_units = int64_t(p.num_v_heads) * p.v_head_dim / W;
+  const auto fits = [](int64_t x) { return x >= 0 && x <= INT32_MAX; };
+  if (p.k.head_stride != p.head_dim || p.v.head_stride != p.v_head_dim || kc < 0 || vc < 0) return false;
+  if (!fits(p.k.token_stride) || !fits(p.v.token_stride) || !fits(kc) || !fits(vc) || !fits(p.num_slots)) return false;
+  if (std::max(k_units, v_units) < kStoreRowsMinThreads || std::max(k_units, v_units) > UINT16_MAX) return false;
+  s.loc = p.loc;
+  s.k = p.k.ptr;
+  s.v = p.v.ptr;
+  s.k_cache = p.k_cache.ptr;
+  s.v_cache = p.v_cache.ptr;
+  s.k_token_stride = int32_t(p.k.token_stride);
+  s.v_token_stride = int32_t(p.v.token_stride);
+  s.k_slot_stride = int32_t(kc);
+  s.v_slot_stride = int32_t(vc);
+  s.num_slots = int32_t(p.num_slots);
+  s.k_units = uint16_t(k_units);
+  s.v_units = uint16_t(v_units);
+  return true;
+}
+
+template <class T, IndexType I, bool PDL>
+__global__ void __launch_bounds__(kStoreRowsThreads) store_kv_rows_kernel(const StoreRowsParams p) {
+  constexpr int W = chunk_elems<T, false, true>();
+  const int64_t t = blockIdx.x;
+  const int i = int(blockIdx.y * blockDim.x + threadIdx.x);
+  int64_t slot = -1;
+  if constexpr (!PDL) slot = load_index<I>(p.loc, false, t);
+  const bool has_k = i < p.k_units, has_v = i < p.v_units;
+  const T* const k_src = static_cast<const T*>(p.k) + t * p.k_token_stride + i * W;
+  const T* const v_src = static_cast<const T*>(p.v) + t * p.v_token_stride + i * W;
+  if constexpr (PDL) {
+    // The addresses are made while the previous kernel runs; its outputs may be
+    // this call's inputs, so every load comes after the wait.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+    slot = load_index<I>(p.loc, false, t);
+  }
+  Chunk<T, W> kx, vx;
+  if (has_k) kx = load_chunk<T, W, true>(k_src);
+  if (has_v) vx = load_chunk<T, W, true>(v_src);
+  if (!slot_in_range(slot, p.num_slots)) return;
+  if (has_k) store_chunk<T, W, true>(static_cast<T*>(p.k_cache) + slot * p.k_slot_stride + i * W, kx);
+  if (has_v) store_chunk<T, W, true>(static_cast<T*>(p.v_cache) + slot * p.v_slot_stride + i * W, vx);
 }
 
 // ---- Large calls with narrow heads: rows of heads per warp ------------------
@@ -578,16 +694,40 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
         }
       }
     }
+    if constexpr (!ROT && WIDE && std::is_same_v<T, C>) {
+      StoreRowsParams sr;
+      const bool small_enough = !enable_pdl || p.num_tokens * L.total <= kStoreRowsMaxUnitsPDL;
+      if (small_enough && p.num_tokens <= INT32_MAX && store_rows_params<T>(p, sr)) {
+        const int per_token = (std::max(sr.k_units, sr.v_units) + 31) / 32 * 32;
+        LaunchShape shape;
+        shape.block = dim3(unsigned(std::min(per_token, kStoreRowsThreads)));
+        shape.grid = dim3(unsigned(p.num_tokens), unsigned((per_token + shape.block.x - 1) / shape.block.x));
+        auto go = [&](auto index_type) {
+          constexpr IndexType I = decltype(index_type)::value;
+          if (enable_pdl) return launch(store_kv_rows_kernel<T, I, true>, shape, stream, true, sr);
+          launch(store_kv_rows_kernel<T, I, false>, shape, stream, false, sr);
+        };
+        if (p.loc_i64) return go(IndexTag<IndexType::i64>{});
+        return go(IndexTag<IndexType::i32>{});
+      }
+    }
     if constexpr (WIDE && sizeof(T) == 2) {
       const IndexType index_type = index_type_of(p);
       if (const int d = small_call_head_dim<ROT>(p, L, index_type, enable_pdl)) {
+        UnitLayout S = L;
+        if (kSmallSplitFp8K && ROT && NEOX && !std::is_same_v<T, C>) {  // two threads per k unit
+          const int k_units = L.k_rot_end - L.q_end;
+          S.k_rot_end += k_units;
+          S.k_tail_end += k_units;
+          S.total += k_units;
+        }
         LaunchShape shape;
-        const int threads = ROT ? kSmallCallThreadsPerBlock : std::min(kMaxThreadsPerBlock, (L.total + 31) / 32 * 32);
+        const int threads = ROT ? kSmallCallThreadsPerBlock : std::min(kMaxThreadsPerBlock, (S.total + 31) / 32 * 32);
         shape.block = dim3(unsigned(threads));
-        shape.grid = dim3(unsigned(p.num_tokens), unsigned((L.total + threads - 1) / threads));
+        shape.grid = dim3(unsigned(p.num_tokens), unsigned((S.total + threads - 1) / threads));
         auto go = [&](auto dim, auto index_type) {
           constexpr auto kernel = rope_kv_small_kernel<T, C, NEOX, decltype(dim)::value, ROT, decltype(index_type)::value>;
-          launch(kernel, shape, stream, false, L, p);
+          launch(kernel, shape, stream, false, S, p);
         };
         auto with_index = [&](auto dim) {
           if (index_type == IndexType::i64) go(dim, IndexTag<IndexType::i64>{});

@@ -473,6 +473,22 @@ ROPEKV_HD void rotate_chunk(const CosSin<NEOX, W>& cs, Chunk<T, W>& lo, Chunk<T,
   }
 }
 
+// One half of rotate_chunk's NeoX result, with the same roundings: the
+// rotated lo (lo * c - hi * s) or, when `upper`, the rotated hi (hi * c +
+// lo * s).
+template <class T, int W>
+ROPEKV_HD Chunk<T, W> rotate_half(const CosSin<true, W>& cs, const Chunk<T, W>& lo, const Chunk<T, W>& hi, bool upper) {
+  using E = Elem<T>;
+  Chunk<T, W> out;
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    float ra, rb;
+    rotate_pair(E::load(lo.e[i]), E::load(hi.e[i]), cs.c[i], cs.s[i], ra, rb);
+    out.e[i] = E::store(upper ? rb : ra);
+  }
+  return out;
+}
+
 // One unit of token t, whose indices the caller loaded (the GPU loads the
 // next token's at the end of this one, and the first token's before
 // planning). The input chunks are loaded before anything waits on the
