@@ -97,15 +97,16 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
 // v15, Llama shape, 1 / 8 / 32 tokens): fused 1.72 / 1.83 / 1.91 -> 1.58 /
 // 1.65 / 1.78 µs, RoPE alone 1.69 / 1.77 / 1.82 -> 1.54 / 1.62 / 1.73,
 // store_kv 1.45 / 1.54 / 1.61 -> 1.40 / 1.48 / 1.53. Rotating calls take it up
-// to kSmallRotMaxTokens tokens: v17 measured fused calls into an fp8 cache of
-// 64 / 128 tokens at 2.55 / 2.73 µs in the unit kernel and 2.05 / 2.23 in this
-// one, faster than the bf16-cache calls in the unit kernel (2.24 / 2.32).
+// to kSmallRotMaxTokens tokens (v17, A/B of wheels, Llama fused, unit kernel
+// -> this one at 64 / 128 tokens: bf16 cache 2.23 / 2.33 -> 1.95 / 2.23 µs,
+// fp8 cache 2.55 / 2.73 -> 2.05 / 2.25; at 33 tokens 2.07 -> 1.80).
 constexpr int64_t kSmallRotMaxTokens = 128;
 // Into an fp8 cache the conversion (a division made exact by two corrections)
 // is most of a k unit's work after its cos/sin row arrives; split over two
 // threads, each converting half of the unit's 2W elements, fp8 fused calls
-// ran 0.14-0.19 µs faster at 1-32 tokens, while splitting a bf16 call's q or k
-// units gained nothing (benchmarks/NOTES.md, v17).
+// ran 0.11-0.20 µs faster at 1-32 tokens in an experiment kernel (0.05-0.10 in
+// the bench), while splitting a bf16 call's q or k units gained nothing
+// (benchmarks/NOTES.md, v17).
 constexpr bool kSmallSplitFp8K = true;
 // store_kv calls take it up to kSmallStoreMaxTokens tokens, and calls with at
 // least kSmallStoreWideUnits units per token (K and V chunks: a block of 128
@@ -221,8 +222,8 @@ int small_call_head_dim(const RopeKVParams& p, const UnitLayout& L, IndexType in
 }
 
 // ---- store_kv from kStorePairMinTokens tokens: two units per thread ----------
-// (Calls without PDL that the small kernel serves take it instead: up to
-// kSmallStoreMaxUnits units it is faster.) Thread x of a token copies its
+// (Calls that the rows kernel below serves, and calls without PDL that the
+// small kernel serves, take those instead.) Thread x of a token copies its
 // units x and x + P (P threads per token: half the token's units, rounded up
 // to whole warps), both loads issued before either store: twice the bytes in
 // flight per thread, half the threads, and the slot's offset computed once per
@@ -350,11 +351,11 @@ __global__ void __launch_bounds__(kStorePairThreads) store_kv_pairs_kernel(const
 // (head stride = head size: views into a fused qkv tensor, contiguous or
 // paged caches), the token's K row and V row are each one run of chunks, and
 // thread i of a token copies K chunk i and V chunk i: no head or unit to
-// decode, both loads issued together, one token per block (or per grid
-// column of blocks of kStoreRowsThreads). Everything the kernel reads fits in
-// 64 bytes of parameters. Measured against the two-unit and small kernels
+// decode, both loads issued together, one token per block of up to
+// kStoreRowsThreads threads (a column of blocks when a row has more chunks).
+// Everything the kernel reads fits in 64 bytes of parameters. Measured against the two-unit and small kernels
 // (benchmarks/NOTES.md, v17, Llama shape, µs at 1 / 8 / 32 / 128 / 512 / 2048
-// / 8192 / 32768 tokens): 1.29 / 1.49 / 1.55 / 1.75 / 2.17 / 4.24 / 25.2 /
+// / 8192 / 32768 tokens): 1.29 / 1.49 / 1.56 / 1.75 / 2.17 / 4.24 / 25.2 /
 // 94.3 -> 1.27 / 1.32 / 1.38 / 1.62 / 2.04 / 4.09 / 25.1 / 94.4. Tokens of
 // fewer than kStoreRowsMinThreads chunks (one or two heads, as under tensor
 // parallelism) were not measured and keep the other kernels.
