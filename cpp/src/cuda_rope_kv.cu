@@ -196,7 +196,9 @@ __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int
 template <class T, class C, bool NEOX, int D, bool ROT, IndexType I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     rope_kv_small_kernel(const UnitLayout L, const RopeKVParams p) {
-  const int u = blockIdx.y * blockDim.x + threadIdx.x;
+  // Rotating calls' blocks have kSmallCallThreadsPerBlock threads: a constant,
+  // not blockDim.x, ahead of the first load (benchmarks/NOTES.md, v18).
+  const int u = blockIdx.y * (ROT ? kSmallCallThreadsPerBlock : blockDim.x) + threadIdx.x;
   const int64_t t = blockIdx.x;
   if (u >= L.total) return;
   if constexpr (ROT) {
@@ -412,11 +414,15 @@ bool store_rows_params(const RopeKVParams& p, StoreRowsParams& s) {
   return true;
 }
 
-template <class T, IndexType I, bool PDL>
+// COLUMN: a row has more chunks than a block has threads, and blockIdx.y picks
+// the block's part of it. Only then is blockIdx.y read: that special-register
+// read came before the slot's load and cost 0.03-0.07 µs at 32-2048 tokens
+// (benchmarks/NOTES.md, v18).
+template <class T, IndexType I, bool PDL, bool COLUMN>
 __global__ void __launch_bounds__(kStoreRowsThreads) store_kv_rows_kernel(const StoreRowsParams p) {
   constexpr int W = chunk_elems<T, false, true>();
   const int64_t t = blockIdx.x;
-  const int i = int(blockIdx.y * blockDim.x + threadIdx.x);
+  const int i = COLUMN ? int(blockIdx.y) * kStoreRowsThreads + int(threadIdx.x) : int(threadIdx.x);
   int64_t slot = -1;
   if constexpr (!PDL) slot = load_index<I>(p.loc, false, t);
   const bool has_k = i < p.k_units, has_v = i < p.v_units;
@@ -703,13 +709,18 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
         LaunchShape shape;
         shape.block = dim3(unsigned(std::min(per_token, kStoreRowsThreads)));
         shape.grid = dim3(unsigned(p.num_tokens), unsigned((per_token + shape.block.x - 1) / shape.block.x));
-        auto go = [&](auto index_type) {
+        auto go = [&](auto index_type, auto column) {
           constexpr IndexType I = decltype(index_type)::value;
-          if (enable_pdl) return launch(store_kv_rows_kernel<T, I, true>, shape, stream, true, sr);
-          launch(store_kv_rows_kernel<T, I, false>, shape, stream, false, sr);
+          constexpr bool COLUMN = decltype(column)::value;
+          if (enable_pdl) return launch(store_kv_rows_kernel<T, I, true, COLUMN>, shape, stream, true, sr);
+          launch(store_kv_rows_kernel<T, I, false, COLUMN>, shape, stream, false, sr);
         };
-        if (p.loc_i64) return go(IndexTag<IndexType::i64>{});
-        return go(IndexTag<IndexType::i32>{});
+        auto with_index = [&](auto column) {
+          if (p.loc_i64) return go(IndexTag<IndexType::i64>{}, column);
+          go(IndexTag<IndexType::i32>{}, column);
+        };
+        if (shape.grid.y > 1) return with_index(std::true_type{});
+        return with_index(std::false_type{});
       }
     }
     if constexpr (WIDE && sizeof(T) == 2) {
