@@ -196,8 +196,9 @@ __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int
 template <class T, class C, bool NEOX, int D, bool ROT, IndexType I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     rope_kv_small_kernel(const UnitLayout L, const RopeKVParams p) {
-  // Rotating calls' blocks have kSmallCallThreadsPerBlock threads: a constant,
-  // not blockDim.x, ahead of the first load (benchmarks/NOTES.md, v18).
+  // Rotating calls always launch blocks of kSmallCallThreadsPerBlock threads;
+  // the constant in place of blockDim.x takes a read off the path to the first
+  // load (bf16 calls of 1-128 tokens 0.02-0.08 µs faster, benchmarks/NOTES.md, v18).
   const int u = blockIdx.y * (ROT ? kSmallCallThreadsPerBlock : blockDim.x) + threadIdx.x;
   const int64_t t = blockIdx.x;
   if (u >= L.total) return;
