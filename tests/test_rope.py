@@ -351,6 +351,49 @@ def test_large_narrow_head_call_takes_the_row_kernel(backend, cache_dtype):
     assert kernels[2] and not any("rope_kv_rows_kernel" in n for n in kernels[2]), kernels[2]
 
 
+
+# Tensor scales of every class (a Python float must be positive and finite): in the
+# reciprocal's range, just past each end of it, far past, zero, subnormal, infinite, NaN.
+EXTREME_TENSOR_SCALES = [0.37, -1.7, 2.0**-64 * (1 - 2.0**-24), 2.0**64 * (1 + 2.0**-23), 2.0**-100, 1e-45, 0.0,
+                         3.4028234663852886e38, float("inf"), -float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("size", ["row kernel", "small kernel"])
+def test_fused_fp8_write_at_extreme_scales(backend, size):
+    """The fp8 write of fused calls in the gpt-oss shape, through the row kernel (its
+    token threshold) and the small kernel (8 tokens), at scales of every fp32 class,
+    against the reference's IEEE division of the rotated key and the value: those
+    kernels bring scales outside the reciprocal's range into it by a power of two."""
+    device = backend[1]
+    if size == "row kernel":
+        needs_native_cuda(backend)
+    T, hq, hk, d = row_kernel_min_tokens() if size == "row kernel" else 8, 64, 8, 64
+    gen = torch.Generator().manual_seed(11)
+    # Magnitudes across the binades (scaled by 2^-20 .. 2^20), so every scale meets quotients that matter.
+    qkv = torch.randn(T, (hq + 2 * hk) * d, generator=gen) * torch.exp2(torch.randint(-20, 21, (T, 1), generator=gen))
+    qkv = qkv.to(torch.bfloat16).to(device)
+    cs = cos_sin_cache(4096, d).to(device)
+    pos = torch.randint(0, 4096, (T,), generator=gen).to(device)
+    loc = torch.randperm(2 * T, generator=gen)[:T].to(device)
+    for cache_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        for value in EXTREME_TENSOR_SCALES:
+            x = qkv.clone()
+            q, k, v = x[:, : hq * d], x[:, hq * d : (hq + hk) * d], x[:, (hq + hk) * d :]
+            kc = torch.zeros(2 * T, hk, d, dtype=cache_dtype, device=device)
+            vc = torch.zeros_like(kc)
+            scale = torch.tensor([value], dtype=torch.float32, device=device)
+            arg = ropekv.FusedSetKVBufferArg(value=v, k_buffer=kc, v_buffer=vc, cache_loc=loc, k_scale=scale,
+                                             v_scale=scale)
+            ropekv.apply_rope_with_cos_sin_cache_inplace(pos, q, k, d, cs, True, arg)
+            s = torch.tensor([[value]], dtype=torch.float64)
+            for cache, src in ((kc, k), (vc, v)):  # src: the key as rotated in place, the value
+                want = ref.cache_bits(src.reshape(-1, d).cpu(), cache_dtype, s)
+                got = cache[loc].reshape(-1, d).cpu()
+                nan = torch.isnan(got.to(torch.float64))  # NaN codes: any NaN will do (SPEC section 2)
+                assert torch.equal(nan, torch.isnan(want.view(cache_dtype).to(torch.float64))), (cache_dtype, value)
+                assert torch.equal(ref.bits(got)[~nan], want[~nan]), f"{cache_dtype} scale {value}"
+
+
 # ---- decode-sized calls (the CUDA small kernel) --------------------------------
 # CUDA calls of up to 128 rotating tokens (store_kv: see small_store_max_tokens)
 # with f16/bf16 inputs, heads of 64, 128 or 256 rotated whole, an fp32 cos/sin

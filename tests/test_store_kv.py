@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -114,7 +115,10 @@ def test_duplicate_slots_take_one_tokens_values(backend):
 # x / s for some inputs (measured: 2 of the 65536 bf16 or fp16 values into e4m3, about
 # 60 into e5m2), so a kernel that only multiplies fails here.
 FP8_SCALES = [1.0, 0.75, 1.7, 0.3, 2.0**-64, 0.75 * 2.0**-64, 2.0**64, 1.5 * 2.0**64, 1e-38, 6e37]
-FP8_TENSOR_SCALES = [-0.6, 0.0, 1e-45, 2.0**-65]
+# As tensors (a Python float must be positive and finite): every class of fp32 value, and
+# the first values past each end of the range the GPU's reciprocal serves unscaled.
+FP8_TENSOR_SCALES = [-0.6, 0.0, -0.0, 1e-45, 2.0**-65, 2.0**-126, 2.0**-64 * (1 - 2.0**-24),
+                     2.0**64 * (1 + 2.0**-23), 3.4028234663852886e38, float("inf"), -float("inf"), float("nan")]
 
 
 @pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float16])
@@ -124,22 +128,24 @@ def test_fp8_every_input_value(backend, input_dtype):
     for bit as the reference's IEEE division and rounding: the GPU divides through a
     reciprocal for most scales, which must change no result."""
     device = backend[1]
-    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(input_dtype).reshape(512, 1, 128)
-    x = x.to(device)
-    loc = torch.arange(512, device=device)
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(input_dtype).to(device)
     scales = FP8_SCALES + [torch.tensor([s], dtype=torch.float32, device=device) for s in FP8_TENSOR_SCALES]
-    for cache_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        for scale in scales:
-            kc = torch.zeros(512, 1, 128, dtype=cache_dtype, device=device)
-            vc = torch.zeros_like(kc)
-            ropekv.store_kv(x, x, kc, vc, loc, k_scale=scale, v_scale=scale)
-            want, _ = ref.store_kv(x, x, kc, vc, loc, scale, scale)
-            got = ref.bits(kc).cpu()
-            # NaN codes: any NaN will do (SPEC section 2); everything else bit for bit.
-            nan = torch.isnan(kc.cpu().to(torch.float64))
-            assert torch.equal(nan, torch.isnan(want.view(cache_dtype).to(torch.float64))), (cache_dtype, scale)
-            assert torch.equal(got[~nan], want[~nan]), f"{cache_dtype} scale {scale}: {(got != want).sum()} codes differ"
-            assert torch.equal(ref.bits(vc).cpu(), got)
+    # On CUDA, 512 tokens of one head run the unit kernel and 64 of eight the small
+    # kernel, which divide in different ways (rope_kv.h, write_cache_chunk).
+    shapes = [(512, 1, 128), (64, 8, 128)] if device.type == "cuda" else [(512, 1, 128)]
+    for shape, cache_dtype, scale in itertools.product(shapes, (torch.float8_e4m3fn, torch.float8_e5m2), scales):
+        x = values.reshape(shape)
+        loc = torch.arange(shape[0], device=device)
+        kc = torch.zeros(shape, dtype=cache_dtype, device=device)
+        vc = torch.zeros_like(kc)
+        ropekv.store_kv(x, x, kc, vc, loc, k_scale=scale, v_scale=scale)
+        want, _ = ref.store_kv(x, x, kc, vc, loc, scale, scale)
+        got = ref.bits(kc).cpu()
+        # NaN codes: any NaN will do (SPEC section 2); everything else bit for bit.
+        nan = torch.isnan(kc.cpu().to(torch.float64))
+        assert torch.equal(nan, torch.isnan(want.view(cache_dtype).to(torch.float64))), (cache_dtype, scale)
+        assert torch.equal(got[~nan], want[~nan]), f"{cache_dtype} scale {scale}: {(got != want).sum()} codes differ"
+        assert torch.equal(ref.bits(vc).cpu(), got)
 
 
 @pytest.mark.parametrize("size", ["one", "limit"])

@@ -207,44 +207,68 @@ template <> constexpr bool is_fp8<e5m2_t> = true;
 // division is a dozen instructions and a branch, x / s is computed from the
 // correctly rounded reciprocal r: q = x*r, then two corrections with the exact
 // residual x - s*q (an FMA). For normal x and q that is the correctly rounded
-// quotient (Markstein), and the scale's range below keeps every quotient the
+// quotient (Markstein), and a scale in [2^-64, 2^64] keeps every quotient the
 // fp8 conversion can tell apart (|q| from 2^-17 to past 2^16) in that case:
 // tinier quotients become 0 and larger ones saturate either way. Zero,
 // infinities, NaN and quotients past fp32 keep q = x*r, which has the right
-// sign and class. Scales outside the range divide (r = 0), as the CPU does.
+// sign and class.
+//
+// Scales outside that range are brought into it by a power of two p applied to
+// both operands: x/s = (x*p)/(s*p) exactly, and x*p is exact wherever the
+// quotient can matter (where x*p overflows, the quotient saturates; where it
+// turns subnormal, the quotient is below 2^-126 and becomes 0). So every scale
+// takes the same instructions, with no IEEE division beside them: that branch
+// cost fp8 calls of 1-32 tokens about 0.07 µs (benchmarks/NOTES.md, v19). An
+// infinite scale takes p = 0 (x*p = +-0, divided by +-inf: +-0, as x/inf; inf
+// and NaN inputs give NaN, as inf/inf); a NaN scale gives NaN throughout.
+//
+// SCALED = false gives the unit kernel's form instead, measured faster there
+// (see write_cache_chunk): s the scale itself, r its reciprocal for scales in
+// the range and 0 for the others, which the caller divides by s (IEEE).
 struct CacheScale {
-  float s = 1.0f;
-  float r = 0.0f;
+  float s = 1.0f;  // the scale times p (the scale itself where p is 0)
+  float r = 0.0f;  // 1/s, correctly rounded (GPU only)
+  float p = 1.0f;  // the power of two each input is multiplied by first
 };
 
+template <bool SCALED = true>
 ROPEKV_HD CacheScale cache_scale(float s) {
   CacheScale c;
   c.s = s;
 #if defined(__CUDA_ARCH__)
   const float a = fabsf(s);
-  if (a >= 0x1p-64f && a <= 0x1p64f) c.r = __frcp_rn(s);
+  const bool in_range = a >= 0x1p-64f && a <= 0x1p64f;
+  if (!SCALED) {
+    if (in_range) c.r = __frcp_rn(s);
+    return c;
+  }
+  // Within the range p = 1; above it (to FLT_MAX) s * 2^-64 lies in (1, 2^64];
+  // below it (subnormals and zero included) s * 2^127 lies in [2^-22, 2^63] or is
+  // zero (x/0 is then x*2^127 / 0, the same infinity or NaN); NaN takes 2^127 too.
+  c.p = in_range ? 1.0f : a > 0x1p64f ? (a <= 3.40282347e38f ? 0x1p-64f : 0.0f) : 0x1p127f;
+  if (c.p != 0.0f) c.s = __fmul_rn(s, c.p);
+  c.r = __frcp_rn(c.s);
 #endif
   return c;
 }
 
-// x / c.s on the GPU when c.r != 0 (see CacheScale). Both corrections are
-// computed for every x and the special cases picked by a select rather than
-// branches per element, and callers test c.r once per chunk (benchmarks/
-// NOTES.md, v8: fused RoPE + KV write into an fp8 cache 9% faster at 32768
-// tokens).
-ROPEKV_HD float divide_by_reciprocal(float x, const CacheScale& c) {
-#if defined(__CUDA_ARCH__)
-  const float q = __fmul_rn(x, c.r);
-  const float q1 = __fmaf_rn(c.r, __fmaf_rn(-c.s, q, x), q);
-  const float q2 = __fmaf_rn(c.r, __fmaf_rn(-c.s, q1, x), q1);
-  return (x == 0.0f || !(fabsf(q) <= 3.40282347e38f)) ? q : q2;
-#else
-  return div_rn(x, c.s);  // the CPU never prepares a reciprocal
-#endif
-}
-
+// x / s (the scale cache_scale<SCALED> was given), rounded to fp32 as an IEEE
+// division would. On the GPU through the reciprocal (see CacheScale; with
+// SCALED = false only where c.r != 0): both corrections are computed for every
+// x and the special cases picked by a select rather than branches per element
+// (benchmarks/NOTES.md, v8: fused RoPE + KV write into an fp8 cache 9% faster
+// at 32768 tokens).
+template <bool SCALED = true>
 ROPEKV_HD float divide(float x, const CacheScale& c) {
-  return c.r != 0.0f ? divide_by_reciprocal(x, c) : div_rn(x, c.s);
+#if defined(__CUDA_ARCH__)
+  const float xp = SCALED ? __fmul_rn(x, c.p) : x;
+  const float q = __fmul_rn(xp, c.r);
+  const float q1 = __fmaf_rn(c.r, __fmaf_rn(-c.s, q, xp), q);
+  const float q2 = __fmaf_rn(c.r, __fmaf_rn(-c.s, q1, xp), q1);
+  return (xp == 0.0f || !(fabsf(q) <= 3.40282347e38f)) ? q : q2;
+#else
+  return div_rn(x, c.s);  // the CPU divides (cache_scale leaves s the scale there)
+#endif
 }
 
 // The value a cache of type C holds for input element x: a bit copy when the

@@ -290,23 +290,32 @@ ROPEKV_HD void store_cache_chunk(C* dst, const Chunk<C, N>& c) {
 }
 
 // Writes N input elements to a cache element; `scale` is the head's fp8 scale
-// (unused when the cache holds the input dtype).
-template <class T, class C, int N, bool WIDE, bool EVICT_FIRST>
+// from cache_scale<SCALED> (unused when the cache holds the input dtype). Two
+// exact ways to divide (benchmarks/NOTES.md, v19, A/B of wheels, µs):
+// - SCALED: every scale through its power of two (see CacheScale), no branch.
+//   For the small kernel, where each instruction before the store sits on a
+//   chain of round trips (Llama fp8 fused 1 / 32 tokens 1.80 / 2.00 -> 1.74 /
+//   1.92), and the rows kernel (gpt-oss fp8 fused 32768 tokens 248.5 -> 238.8).
+// - not SCALED: scales in the reciprocal's range through it, the others through
+//   the IEEE division, a branch per chunk. For the unit kernel, whose fp8 calls
+//   are near the SMs' instruction rate (SCALED there: store_kv 2048 / 32768
+//   tokens 5.67 / 78.3 -> 6.07 / 81.1, fused 2048 11.73 -> 12.23).
+template <class T, class C, int N, bool WIDE, bool EVICT_FIRST, bool SCALED = true>
 ROPEKV_HD void write_cache_chunk(C* dst, const CacheScale& scale, const Chunk<T, N>& x) {
   if constexpr (std::is_same_v<T, C>) {
     store_cache_chunk<C, N, WIDE, EVICT_FIRST>(dst, x);
   } else {
     Chunk<C, N> out;
-    if (scale.r != 0.0f) {  // once per chunk, not per element
+    if (SCALED) {
 #pragma unroll
-      for (int i = 0; i < N; ++i) out.e[i] = Elem<C>::store(divide_by_reciprocal(Elem<T>::load(x.e[i]), scale));
+      for (int i = 0; i < N; ++i) out.e[i] = convert_to_cache<T, C>(x.e[i], scale);
+    } else if (scale.r != 0.0f) {  // once per chunk, not per element
+#pragma unroll
+      for (int i = 0; i < N; ++i) out.e[i] = Elem<C>::store(divide<false>(Elem<T>::load(x.e[i]), scale));
     } else {
-#if defined(__CUDA_ARCH__)
-      // Only scales outside the reciprocal's range come here. The IEEE division
-      // runs in a loop that is not unrolled, so that one copy of its code rather
-      // than N sits in the kernel beside the fast path (benchmarks/NOTES.md, v16:
-      // fp8 fused calls of 128 tokens 2.87 -> 2.77 µs, smaller ones level; a
-      // kernel without the branch at all ran 1-32 tokens 0.03-0.06 µs faster).
+      // The IEEE division runs in a loop that is not unrolled, so that one copy
+      // of its code rather than N sits in the kernel beside the fast path
+      // (benchmarks/NOTES.md, v16: fp8 fused calls of 128 tokens 2.87 -> 2.77 µs).
       float f[N];
 #pragma unroll
       for (int i = 0; i < N; ++i) f[i] = Elem<T>::load(x.e[i]);
@@ -314,10 +323,6 @@ ROPEKV_HD void write_cache_chunk(C* dst, const CacheScale& scale, const Chunk<T,
       for (int i = 0; i < N; ++i) f[i] = div_rn(f[i], scale.s);
 #pragma unroll
       for (int i = 0; i < N; ++i) out.e[i] = Elem<C>::store(f[i]);
-#else
-#pragma unroll
-      for (int i = 0; i < N; ++i) out.e[i] = convert_to_cache<T, C>(x.e[i], scale);
-#endif
     }
     store_cache_chunk<C, N, WIDE, EVICT_FIRST>(dst, out);
   }
@@ -511,9 +516,9 @@ ROPEKV_HD void run_plan(const RopeKVParams& p, const UnitPlan<T, C>& u, int64_t 
   }
   if (u.cache && writes_slot(p, ix.slot)) {
     C* dst = u.cache + slot_offset(ix.slot, u.page_stride, u.slot_stride, u.page_size);
-    const CacheScale scale = std::is_same_v<T, C> ? CacheScale{} : cache_scale(u.scale);
-    write_cache_chunk<T, C, W, WIDE, ROT>(dst, scale, lo);
-    if (NEOX && ROT && u.rotate) write_cache_chunk<T, C, W, WIDE, ROT>(dst + half, scale, hi);
+    const CacheScale scale = std::is_same_v<T, C> ? CacheScale{} : cache_scale<false>(u.scale);
+    write_cache_chunk<T, C, W, WIDE, ROT, false>(dst, scale, lo);
+    if (NEOX && ROT && u.rotate) write_cache_chunk<T, C, W, WIDE, ROT, false>(dst + half, scale, hi);
   }
 }
 
