@@ -299,7 +299,7 @@ ROPEKV_HD void store_cache_chunk(C* dst, const Chunk<C, N>& c) {
 // - not SCALED: scales in the reciprocal's range through it, the others through
 //   the IEEE division, a branch per chunk. For the unit kernel, whose fp8 calls
 //   are near the SMs' instruction rate (SCALED there: store_kv 2048 / 32768
-//   tokens 5.67 / 78.3 -> 6.07 / 81.1, fused 2048 11.73 -> 12.23).
+//   tokens 5.66 / 78.3 -> 6.07 / 81.1, fused 2048 11.73 -> 12.23).
 template <class T, class C, int N, bool WIDE, bool EVICT_FIRST, bool SCALED = true>
 ROPEKV_HD void write_cache_chunk(C* dst, const CacheScale& scale, const Chunk<T, N>& x) {
   if constexpr (std::is_same_v<T, C>) {
