@@ -351,7 +351,6 @@ def test_large_narrow_head_call_takes_the_row_kernel(backend, cache_dtype):
     assert kernels[2] and not any("rope_kv_rows_kernel" in n for n in kernels[2]), kernels[2]
 
 
-
 # Tensor scales of every class (a Python float must be positive and finite): in the
 # reciprocal's range, just past each end of it, far past, zero, subnormal, infinite, NaN.
 EXTREME_TENSOR_SCALES = [0.37, -1.7, 2.0**-64 * (1 - 2.0**-24), 2.0**64 * (1 + 2.0**-23), 2.0**-100, 1e-45, 0.0,
