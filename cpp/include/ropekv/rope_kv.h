@@ -306,7 +306,7 @@ ROPEKV_HD void write_cache_chunk(C* dst, const CacheScale& scale, const Chunk<T,
     store_cache_chunk<C, N, WIDE, EVICT_FIRST>(dst, x);
   } else {
     Chunk<C, N> out;
-    if (SCALED) {
+    if constexpr (SCALED) {
 #pragma unroll
       for (int i = 0; i < N; ++i) out.e[i] = convert_to_cache<T, C>(x.e[i], scale);
     } else if (scale.r != 0.0f) {  // once per chunk, not per element
