@@ -420,7 +420,7 @@ def small_kv(T, hk, d, dtype, cache_dtype, cache_layout, page_size, k_scale, v_s
 def test_small_calls_match_reference(backend, kind, d, neox, fused, size):
     """Decode-sized calls of each head size the small kernel compiles, both
     rotation styles, bf16 and fp8 caches (paged among them, every scale kind;
-    into an fp8 cache a NeoX k unit is split over two threads), padding and
+    into an fp8 cache a NeoX k unit is split over several threads), padding and
     out-of-range slots, positions outside the table; at the token limit and one
     token past it (the unit kernel; on CUDA the test checks which kernel ran)."""
     dtype, *cache = SMALL_CALL_CASES[kind]
@@ -437,6 +437,26 @@ def test_small_calls_match_reference(backend, kind, d, neox, fused, size):
     if names:
         assert any("rope_kv_small_kernel" in n for n in names) == (T <= SMALL_KERNEL_MAX_TOKENS), names
 
+
+
+@pytest.mark.parametrize("hq", [1, 3, 7])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_small_fp8_calls_with_odd_query_heads(backend, d, hq):
+    """Into an fp8 cache the small kernel splits a NeoX k unit over threads
+    that each load both halves of the rotated pair and store one: they must
+    all load before any stores. With an odd number of query heads the old
+    layout (q units first) put one head's threads in two warps, at d = 128 and
+    hq = 7 in two blocks. Repeated calls of several sizes, each checked whole."""
+    needs_native_cuda(backend)
+    for T in (1, 8, 33, SMALL_KERNEL_MAX_TOKENS):
+        for rep in range(3):
+            seed = 1000 * d + 100 * hq + 10 * T + rep
+            kv = small_kv(T, 1, d, torch.bfloat16, torch.float8_e4m3fn, "3d", 1, "tensor", "per_head", seed=seed)
+            case = RopeCase(T=T, hq=hq, hk=1, head_size=d, rot_dim=d, neox=True, dtype=torch.bfloat16,
+                            cos_sin_dtype=torch.float32, layout="3d", index_dtype=torch.int64, max_pos=700,
+                            bad_pos_frac=0.0, kv=kv, seed=seed)
+            names = cuda_kernel_names(lambda: run_rope_case(case, backend[1]))
+            assert not names or any("rope_kv_small_kernel" in n for n in names), names
 
 def test_small_kernel_takes_the_calls_it_serves(backend):
     """Which calls run the small kernel and which the store_kv rows kernel

@@ -102,12 +102,15 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
 // fp8 cache 2.55 / 2.73 -> 2.05 / 2.25; at 33 tokens 2.07 -> 1.80).
 constexpr int64_t kSmallRotMaxTokens = 128;
 // Into an fp8 cache the conversion (a division made exact by two corrections)
-// is most of a k unit's work after its cos/sin row arrives; split over two
-// threads, each converting half of the unit's 2W elements, fp8 fused calls
-// ran 0.11-0.20 µs faster at 1-32 tokens in an experiment kernel (0.05-0.10 in
+// is most of a k unit's work after its cos/sin row arrives, so a NeoX k unit is
+// split over small_fp8_k_threads(D) threads: two, one per half of the rotated
+// pair, and for heads of up to 128 four, one per half of each half, each
+// converting a quarter of the unit's 2W elements. Two threads took 0.11-0.20
+// µs off fp8 fused calls of 1-32 tokens in an experiment kernel (0.05-0.10 in
 // the bench), while splitting a bf16 call's q or k units gained nothing
-// (benchmarks/NOTES.md, v17).
-constexpr bool kSmallSplitFp8K = true;
+// (benchmarks/NOTES.md, v17); four took another 0.03-0.08 µs off (v20). A
+// head's threads are at most a warp (see SmallLayout).
+constexpr int small_fp8_k_threads(int d) { return d <= 128 ? 4 : 2; }
 // store_kv calls take it up to kSmallStoreMaxTokens tokens, and calls with at
 // least kSmallStoreWideUnits units per token (K and V chunks: a block of 128
 // threads or more) up to kSmallStoreMaxUnits units in all: 512 tokens of the
@@ -121,17 +124,40 @@ constexpr int64_t kSmallStoreMaxTokens = 127;
 constexpr int kSmallStoreWideUnits = 128;
 constexpr int64_t kSmallStoreMaxUnits = int64_t(1) << 17;
 
+// Whether the small kernel splits a NeoX k unit into an fp8 cache over
+// small_fp8_k_threads(D) threads.
+template <class T, class C, bool NEOX, bool ROT>
+constexpr bool kSmallSplitK = ROT && NEOX && !std::is_same_v<T, C>;
+
+// A token's units in the small kernel where it splits k units: [0, k_end) k
+// units, [k_end, q_end) q units, [q_end, total) v units. With k first, a
+// head's k threads start at a multiple of their count, which divides 32, so
+// the threads that split a k unit share a warp (see run_small_unit). Behind an
+// odd number of q heads they did not: v19's layout (q first, as UnitLayout)
+// put them in two warps, and a thread could store before another loaded. The
+// counts come last in 48 bytes, so that RopeKVParams, passed after this,
+// starts where it does after UnitLayout. Other small calls take UnitLayout
+// (q, k, v units), as the unit kernel.
+struct SplitKLayout {
+  int unused[9] = {};
+  int k_end = 0, q_end = 0, total = 0;
+};
+static_assert(sizeof(SplitKLayout) == 48 && sizeof(UnitLayout) <= 48 && alignof(RopeKVParams) == 8);
+template <class T, class C, bool NEOX, bool ROT>
+using SmallLayout = std::conditional_t<kSmallSplitK<T, C, NEOX, ROT>, SplitKLayout, UnitLayout>;
+
 template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, UnitKind K>
 __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int64_t t) {
-  constexpr int W = chunk_elems<T, NEOX, true>();
   constexpr bool kQ = K == UnitKind::q_rot, kV = K == UnitKind::v;
   constexpr bool kRotates = K == UnitKind::q_rot || K == UnitKind::k_rot;
   constexpr bool kFp8 = !std::is_same_v<T, C>;
+  // Into an fp8 cache a NeoX k unit is small_fp8_k_threads(D) threads of W
+  // elements each: `half` picks the lo or hi half of the rotated pair.
+  constexpr bool kSplit = kSmallSplitK<T, C, NEOX, ROT> && K == UnitKind::k_rot;
+  constexpr int W = kSplit ? 2 * chunk_elems<T, NEOX, true>() / small_fp8_k_threads(D) : chunk_elems<T, NEOX, true>();
   constexpr int kPerHead = kRotates && NEOX ? D / 2 / W : D / W;
-  // Into an fp8 cache, a NeoX k unit is two threads, one per half of the
-  // rotated pair (see kSmallSplitFp8K): each converts W elements, not 2W.
-  constexpr bool kSplit = kSmallSplitFp8K && kFp8 && NEOX && K == UnitKind::k_rot;
   constexpr int kThreadsPerHead = kSplit ? 2 * kPerHead : kPerHead;
+  static_assert(!kSplit || 32 % kThreadsPerHead == 0, "a split head's threads within one warp");
   const TokenTensor& x = kQ ? p.q : kV ? p.v : p.k;
   const CacheTensor& cache = kV ? p.v_cache : p.k_cache;
   const bool writes = !kQ && p.write_cache;
@@ -167,6 +193,10 @@ __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int
       // This thread's half of each rotated pair, into lo.
       if (rotates) {
         lo = rotate_half<T, W>(cs, lo, hi, half);
+        // The head's other threads load what this one stores: all of them
+        // have loaded before any stores (`rotates` is the same for a token).
+        constexpr unsigned kGroup = kThreadsPerHead == 32 ? ~0u : (1u << kThreadsPerHead) - 1u;
+        __syncwarp(kGroup << (threadIdx.x % 32 & ~unsigned(kThreadsPerHead - 1)));
         store_chunk<T, W, true>(src + half * (D / 2), lo);
       } else if (half) {
         lo = hi;
@@ -191,24 +221,34 @@ __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int
 
 // threadIdx.x and blockIdx.y pick the unit, blockIdx.x the token. Rotating
 // calls have q, k and v units (no tail: the heads are rotated whole; into an
-// fp8 cache, two threads per NeoX k unit: the launcher's layout counts them),
-// store_kv k and v units.
+// fp8 cache, small_fp8_k_threads(D) threads per NeoX k unit, k first: the
+// launcher's layout counts them), store_kv k and v units.
 template <class T, class C, bool NEOX, int D, bool ROT, IndexType I>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
-    rope_kv_small_kernel(const UnitLayout L, const RopeKVParams p) {
+    rope_kv_small_kernel(const SmallLayout<T, C, NEOX, ROT> L, const RopeKVParams p) {
   // Rotating calls always launch blocks of kSmallCallThreadsPerBlock threads;
   // the constant in place of blockDim.x takes a read off the path to the first
   // load (bf16 calls of 1-128 tokens 0.02-0.08 µs faster, benchmarks/NOTES.md, v18).
   const int u = blockIdx.y * (ROT ? kSmallCallThreadsPerBlock : blockDim.x) + threadIdx.x;
   const int64_t t = blockIdx.x;
   if (u >= L.total) return;
-  if constexpr (ROT) {
-    if (u < L.q_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::q_rot>(p, u, t);
-    if (u < L.k_rot_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::k_rot>(p, u - L.q_end, t);
+  if constexpr (kSmallSplitK<T, C, NEOX, ROT>) {
+    // k units first, but q tested first: the code of the first test's unit
+    // follows the tests in the kernel, and with q's placed after k's, 1-32
+    // token calls ran 0.02-0.04 µs slower (benchmarks/NOTES.md, v20): the
+    // instruction fetch of a jump, on the q units' path.
+    if (u >= L.k_end && u < L.q_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::q_rot>(p, u - L.k_end, t);
+    if (u < L.k_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::k_rot>(p, u, t);
+    run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::v>(p, u - L.q_end, t);
   } else {
-    if (u < L.k_tail_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::k_tail>(p, u, t);
+    if constexpr (ROT) {
+      if (u < L.q_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::q_rot>(p, u, t);
+      if (u < L.k_rot_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::k_rot>(p, u - L.q_end, t);
+    } else {
+      if (u < L.k_tail_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::k_tail>(p, u, t);
+    }
+    run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::v>(p, u - L.k_tail_end, t);
   }
-  run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::v>(p, u - L.k_tail_end, t);
 }
 
 // The small kernel's head size for a call, or 0 when the call does not fit it.
@@ -727,12 +767,14 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
     if constexpr (WIDE && sizeof(T) == 2) {
       const IndexType index_type = index_type_of(p);
       if (const int d = small_call_head_dim<ROT>(p, L, index_type, enable_pdl)) {
-        UnitLayout S = L;
-        if (kSmallSplitFp8K && ROT && NEOX && !std::is_same_v<T, C>) {  // two threads per k unit
-          const int k_units = L.k_rot_end - L.q_end;
-          S.k_rot_end += k_units;
-          S.k_tail_end += k_units;
-          S.total += k_units;
+        constexpr bool kSplitK = kSmallSplitK<T, C, NEOX, ROT>;
+        SmallLayout<T, C, NEOX, ROT> S = {};
+        if constexpr (kSplitK) {  // k first, small_fp8_k_threads(d) threads per unit
+          S.k_end = (L.k_rot_end - L.q_end) * small_fp8_k_threads(d);
+          S.q_end = S.k_end + L.q_end;
+          S.total = S.q_end + (L.total - L.k_rot_end);
+        } else {
+          S = L;
         }
         LaunchShape shape;
         const int threads = ROT ? kSmallCallThreadsPerBlock : std::min(kMaxThreadsPerBlock, (S.total + 31) / 32 * 32);
