@@ -438,7 +438,6 @@ def test_small_calls_match_reference(backend, kind, d, neox, fused, size):
         assert any("rope_kv_small_kernel" in n for n in names) == (T <= SMALL_KERNEL_MAX_TOKENS), names
 
 
-
 @pytest.mark.parametrize("hq", [1, 3, 7])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_small_fp8_calls_with_odd_query_heads(backend, d, hq):
@@ -457,6 +456,7 @@ def test_small_fp8_calls_with_odd_query_heads(backend, d, hq):
                             bad_pos_frac=0.0, kv=kv, seed=seed)
             names = cuda_kernel_names(lambda: run_rope_case(case, backend[1]))
             assert not names or any("rope_kv_small_kernel" in n for n in names), names
+
 
 def test_small_kernel_takes_the_calls_it_serves(backend):
     """Which calls run the small kernel and which the store_kv rows kernel
