@@ -86,7 +86,7 @@ def as3(x, h, d):
     return x if x.dim() == 3 else x.unflatten(1, (h, d))
 
 
-def run_rope_case(case: RopeCase, device, api: str = "sgl"):
+def run_rope_case(case: RopeCase, device, api: str = "sgl", enable_pdl: bool = False):
     q, k, pos, cs, kv = build_rope(case, device)
     # The caches as they were: every slot the call does not name must keep its bits.
     caches_before = (kv.k_cache.clone(), kv.v_cache.clone()) if kv is not None else None
@@ -99,12 +99,14 @@ def run_rope_case(case: RopeCase, device, api: str = "sgl"):
                 value=kv.v, k_buffer=kv.k_cache, v_buffer=kv.v_cache,
                 k_scale=kv.k_scale, v_scale=kv.v_scale, cache_loc=kv.loc,
             )
-        ropekv.apply_rope_with_cos_sin_cache_inplace(pos, q, k, case.head_size, cs, case.neox, arg)
+        ropekv.apply_rope_with_cos_sin_cache_inplace(pos, q, k, case.head_size, cs, case.neox, arg,
+                                                     enable_pdl=enable_pdl)
     else:
         extra = {}
         if kv is not None:
             extra = dict(v=kv.v, k_cache=kv.k_cache, v_cache=kv.v_cache, loc=kv.loc, k_scale=kv.k_scale, v_scale=kv.v_scale)
-        ropekv.rope_and_store(pos, q, k, cs, head_size=case.head_size, is_neox=case.neox, **extra)
+        ropekv.rope_and_store(pos, q, k, cs, head_size=case.head_size, is_neox=case.neox, enable_pdl=enable_pdl,
+                              **extra)
     ref.assert_close_rope(as3(q, case.hq, case.head_size), want_q, slack_q, f"query of {case}")
     ref.assert_close_rope(as3(k, case.hk, case.head_size), want_k, slack_k, f"key of {case}")
     if kv is not None:
@@ -204,13 +206,13 @@ def test_out_of_range_positions_leave_token_unrotated(backend):
     assert torch.equal(q[0], q0[0]) and torch.equal(q[2], q0[2]) and not torch.equal(q[1], q0[1])
 
 
-@pytest.mark.parametrize("T", [1, 29, 300, 8200])
+@pytest.mark.parametrize("T", [1, 29, 40, 300, 8200])
 def test_enable_pdl_gives_the_same_bits(backend, T):
     """enable_pdl=True (programmatic dependent launch on sm_90+, a no-op elsewhere),
     with each call's inputs written by the kernel just before it: the same bits
     as the default launch, for store_kv and the fused call, at sizes that take
-    the typed-index, general and two-units-per-thread kernels (store_kv takes
-    the rows kernel by default, and with PDL up to 2^15 16-byte units, 128
+    the typed-index, small (40 tokens), general and two-units-per-thread
+    kernels (store_kv takes the rows kernel by default, and with PDL up to 2^15 16-byte units, 128
     tokens here; past that the unit kernel, and from 2^20 units, which 8200
     tokens are here, the two-unit kernel)."""
     device = backend[1]
@@ -241,16 +243,21 @@ def test_enable_pdl_gives_the_same_bits(backend, T):
         assert torch.equal(ref.bits(a), ref.bits(b))
 
 
+@pytest.mark.parametrize("pdl", [False, True], ids=["default", "pdl"])
 @pytest.mark.parametrize("T", [1, 29, 40, 130])
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["bf16-cache", "e4m3-cache"])
 @pytest.mark.parametrize("loc_dtype", [None, torch.int32, torch.int64], ids=["rope", "loc32", "loc64"])
 @pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64], ids=["pos32", "pos64"])
-def test_every_pairing_of_index_dtypes(backend, pos_dtype, loc_dtype, cache_dtype, T):
+def test_every_pairing_of_index_dtypes(backend, pos_dtype, loc_dtype, cache_dtype, T, pdl):
     """Rotating CUDA calls with one index dtype run kernels compiled for it (the
     small kernel up to 128 tokens, here), mixed pairs of up to 32 tokens a unit
     kernel that reads each index as its dtype says, and larger calls always
     the latter. Each pairing, at 1, 29, 40 and 130 tokens, with positions
-    outside the table and padding and out-of-range slots among the tokens."""
+    outside the table and padding and out-of-range slots among the tokens,
+    launched by default and, on CUDA, with PDL (which changes the kernels
+    chosen up to 128 tokens)."""
+    if pdl:
+        needs_native_cuda(backend)
     if loc_dtype is None and cache_dtype is not None:
         pytest.skip("RoPE alone writes no cache")
     kv = None
@@ -262,7 +269,7 @@ def test_every_pairing_of_index_dtypes(backend, pos_dtype, loc_dtype, cache_dtyp
     case = RopeCase(T=T, hq=4, hk=2, head_size=128, rot_dim=128, neox=True, dtype=torch.bfloat16,
                     cos_sin_dtype=torch.float32, layout="qkv", index_dtype=pos_dtype, max_pos=512,
                     bad_pos_frac=0.1, kv=kv, seed=11)
-    run_rope_case(case, backend[1])
+    run_rope_case(case, backend[1], enable_pdl=pdl)
 
 
 # ---- large calls with narrow heads (the CUDA row kernel) ----------------------
@@ -396,9 +403,18 @@ def test_fused_fp8_write_at_extreme_scales(backend, size):
 # ---- decode-sized calls (the CUDA small kernel) --------------------------------
 # CUDA calls of up to 128 rotating tokens (store_kv: see small_store_max_tokens)
 # with f16/bf16 inputs, heads of 64, 128 or 256 rotated whole, an fp32 cos/sin
-# table, one index dtype and no PDL run rope_kv_small_kernel
-# (cpp/src/cuda_rope_kv.cu); others do not.
+# table and one index dtype run rope_kv_small_kernel (cpp/src/cuda_rope_kv.cu);
+# others do not. With PDL only rotating calls of more than 32 tokens do
+# (small_call_head_dim).
 SMALL_KERNEL_MAX_TOKENS = 128
+TYPED_INDEX_MAX_TOKENS = 32
+
+
+def takes_small_kernel(T: int, pdl: bool) -> bool:
+    """Whether a rotating call that fits the small kernel in every other way takes it."""
+    return T <= SMALL_KERNEL_MAX_TOKENS and (not pdl or T > TYPED_INDEX_MAX_TOKENS)
+
+
 SMALL_CALL_CASES = [  # dtype, cache dtype, cache layout, page size, k scale, v scale
     (torch.bfloat16, None, "3d", 1, "none", "none"),
     (torch.float16, torch.float8_e4m3fn, "paged", 16, "per_head", "float"),
@@ -412,17 +428,21 @@ def small_kv(T, hk, d, dtype, cache_dtype, cache_layout, page_size, k_scale, v_s
                   v_scale=v_scale, pad_frac=0.2, oob_frac=0.1, seed=seed)
 
 
+@pytest.mark.parametrize("pdl", [False, True], ids=["default", "pdl"])
 @pytest.mark.parametrize("size", ["one", "limit", "past"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "rope"])
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("kind", range(len(SMALL_CALL_CASES)))
-def test_small_calls_match_reference(backend, kind, d, neox, fused, size):
+def test_small_calls_match_reference(backend, kind, d, neox, fused, size, pdl):
     """Decode-sized calls of each head size the small kernel compiles, both
     rotation styles, bf16 and fp8 caches (paged among them, every scale kind;
     into an fp8 cache a NeoX k unit is split over several threads), padding and
     out-of-range slots, positions outside the table; at the token limit and one
-    token past it (the unit kernel; on CUDA the test checks which kernel ran)."""
+    token past it (the unit kernel; on CUDA the test checks which kernel ran),
+    launched by default and, on CUDA, with PDL."""
+    if pdl:
+        needs_native_cuda(backend)
     dtype, *cache = SMALL_CALL_CASES[kind]
     T = {"one": 1, "limit": SMALL_KERNEL_MAX_TOKENS, "past": SMALL_KERNEL_MAX_TOKENS + 1}[size]
     kv = small_kv(T, 2, d, dtype, *cache, seed=d + T) if fused else None
@@ -433,19 +453,22 @@ def test_small_calls_match_reference(backend, kind, d, neox, fused, size):
     if backend != ("native", torch.device("cuda")):
         run_rope_case(case, backend[1])
         return
-    names = cuda_kernel_names(lambda: run_rope_case(case, backend[1]))
+    names = cuda_kernel_names(lambda: run_rope_case(case, backend[1], enable_pdl=pdl))
     if names:
-        assert any("rope_kv_small_kernel" in n for n in names) == (T <= SMALL_KERNEL_MAX_TOKENS), names
+        assert any("rope_kv_small_kernel" in n for n in names) == takes_small_kernel(T, pdl), names
 
 
+@pytest.mark.parametrize("pdl", [False, True], ids=["default", "pdl"])
 @pytest.mark.parametrize("hq", [1, 3, 7])
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_small_fp8_calls_with_odd_query_heads(backend, d, hq):
+def test_small_fp8_calls_with_odd_query_heads(backend, d, hq, pdl):
     """Into an fp8 cache the small kernel splits a NeoX k unit over threads
     that each load both halves of the rotated pair and store one: they must
     all load before any stores. With an odd number of query heads the old
     layout (q units first) put one head's threads in two warps, at d = 128 and
-    hq = 7 in two blocks. Repeated calls of several sizes, each checked whole."""
+    hq = 7 in two blocks. Repeated calls of several sizes, each checked whole,
+    launched by default and with PDL (with which the small kernel takes the
+    calls of more than 32 tokens)."""
     needs_native_cuda(backend)
     for T in (1, 8, 33, SMALL_KERNEL_MAX_TOKENS):
         for rep in range(3):
@@ -454,15 +477,17 @@ def test_small_fp8_calls_with_odd_query_heads(backend, d, hq):
             case = RopeCase(T=T, hq=hq, hk=1, head_size=d, rot_dim=d, neox=True, dtype=torch.bfloat16,
                             cos_sin_dtype=torch.float32, layout="3d", index_dtype=torch.int64, max_pos=700,
                             bad_pos_frac=0.0, kv=kv, seed=seed)
-            names = cuda_kernel_names(lambda: run_rope_case(case, backend[1]))
-            assert not names or any("rope_kv_small_kernel" in n for n in names), names
+            names = cuda_kernel_names(lambda: run_rope_case(case, backend[1], enable_pdl=pdl))
+            small_ran = any("rope_kv_small_kernel" in n for n in names)
+            assert not names or small_ran == takes_small_kernel(T, pdl), names
 
 
 def test_small_kernel_takes_the_calls_it_serves(backend):
     """Which calls run the small kernel and which the store_kv rows kernel
     (kernel names from the profiler): fused calls at their token limit (bf16
     and fp8 caches) and narrow store_kv calls at theirs run the small kernel; one token more, a partial rotation, a head size it does not
-    compile, a bf16 cos/sin table or PDL do not. store_kv calls with K and V
+    compile or a bf16 cos/sin table do not. With PDL, fused calls of more than
+    32 tokens do, smaller ones and narrow store_kv calls do not. store_kv calls with K and V
     rows of at least 64 chunks into a cache of the input dtype run the rows
     kernel at any size (with PDL up to 2^15 chunks), into an fp8 cache or with
     heads apart in the input they do not."""
@@ -508,6 +533,15 @@ def test_small_kernel_takes_the_calls_it_serves(backend):
         "head size 96": (fused_call(4, head=96, rot=96), other),
         "bf16 cos/sin": (fused_call(4, cs_dtype=torch.bfloat16), other),
         "pdl": (fused_call(4, pdl=True), other),
+        "pdl at the typed-index limit": (fused_call(TYPED_INDEX_MAX_TOKENS, pdl=True), other),
+        "pdl past the typed-index limit": (fused_call(TYPED_INDEX_MAX_TOKENS + 1, pdl=True), small),
+        "pdl at the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS, pdl=True), small),
+        "pdl past the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS + 1, pdl=True), other),
+        "pdl into fp8 at the typed-index limit": (fused_call(TYPED_INDEX_MAX_TOKENS, pdl=True, cache_dtype=fp8), other),
+        "pdl into fp8 past the typed-index limit": (
+            fused_call(TYPED_INDEX_MAX_TOKENS + 1, pdl=True, cache_dtype=fp8), small),
+        "pdl into fp8 past the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS + 1, pdl=True, cache_dtype=fp8), other),
+        "pdl, narrow store_kv": (store_call(4, pdl=True), other),
     }
     seen = {name: cuda_kernel_names(fn) for name, (fn, _) in calls.items()}
     if not any(seen.values()):

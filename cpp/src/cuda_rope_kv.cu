@@ -87,11 +87,11 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
 // then its cos/sin row, then the stores), and every instruction before a load
 // on that chain adds to the call. This kernel serves calls whose heads all
 // have one of a few common sizes D, rotated whole (or not at all: store_kv),
-// with an fp32 cos/sin table read as float4 and one index dtype, launched
-// without PDL (PDL launches keep the unit kernel, which plans before its
-// wait): a unit's head and column are then a constant shift and mask, its
-// cos/sin offsets constants, and nothing is planned, tested per load or
-// looped over (one token per grid column). Everything else about the call
+// with an fp32 cos/sin table read as float4 and one index dtype (with PDL,
+// only some of them: see small_call_head_dim): a unit's head and column are
+// then a constant shift and mask, its cos/sin offsets constants, and nothing
+// is planned, tested per load or looped over (one token per grid column).
+// Everything else about the call
 // (strides, paged caches, fp8 scales, padding slots) stays as general as in
 // the unit kernel, through the same helpers. Measured (benchmarks/NOTES.md,
 // v15, Llama shape, 1 / 8 / 32 tokens): fused 1.72 / 1.83 / 1.91 -> 1.58 /
@@ -146,7 +146,7 @@ static_assert(sizeof(SplitKLayout) == 48 && sizeof(UnitLayout) <= 48 && alignof(
 template <class T, class C, bool NEOX, bool ROT>
 using SmallLayout = std::conditional_t<kSmallSplitK<T, C, NEOX, ROT>, SplitKLayout, UnitLayout>;
 
-template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, UnitKind K>
+template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, bool PDL, UnitKind K>
 __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int64_t t) {
   constexpr bool kQ = K == UnitKind::q_rot, kV = K == UnitKind::v;
   constexpr bool kRotates = K == UnitKind::q_rot || K == UnitKind::k_rot;
@@ -161,12 +161,28 @@ __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int
   const TokenTensor& x = kQ ? p.q : kV ? p.v : p.k;
   const CacheTensor& cache = kV ? p.v_cache : p.k_cache;
   const bool writes = !kQ && p.write_cache;
+  // Without PDL the indices are loaded first and the addresses made while
+  // they are in flight; with it, the addresses are made while the previous
+  // kernel runs, and every load comes after the wait (that kernel may have
+  // written this call's inputs, indices and scales included). Loading the
+  // indices after the address arithmetic in both forms cost default launches
+  // 0.03-0.07 µs (benchmarks/NOTES.md, v20).
   int64_t slot = -1, pos = 0;
-  if (writes) slot = load_index<I>(p.loc, p.loc_i64, t);
-  if (kRotates) pos = load_index<I>(p.positions, p.positions_i64, t);
+  const auto load_indices = [&] {
+    if (writes) slot = load_index<I>(p.loc, p.loc_i64, t);
+    if (kRotates) pos = load_index<I>(p.positions, p.positions_i64, t);
+  };
+  if constexpr (!PDL) load_indices();
   const int head = int(unsigned(w) / kThreadsPerHead), j = int(unsigned(w) % kPerHead);
   const int half = kSplit ? int(unsigned(w) % kThreadsPerHead) / kPerHead : 0;
   T* const src = static_cast<T*>(x.ptr) + t * x.token_stride + head * x.head_stride + j * W;
+  if constexpr (PDL) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+    load_indices();
+  }
   Chunk<T, W> lo = load_chunk<T, W, true>(src), hi;
   if constexpr (kRotates && NEOX) hi = load_chunk<T, W, true>(src + D / 2);
   // An fp8 cache's scale is loaded with the unit's other loads. Read where the
@@ -223,7 +239,7 @@ __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int
 // calls have q, k and v units (no tail: the heads are rotated whole; into an
 // fp8 cache, small_fp8_k_threads(D) threads per NeoX k unit, k first: the
 // launcher's layout counts them), store_kv k and v units.
-template <class T, class C, bool NEOX, int D, bool ROT, IndexType I>
+template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, bool PDL>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     rope_kv_small_kernel(const SmallLayout<T, C, NEOX, ROT> L, const RopeKVParams p) {
   // Rotating calls always launch blocks of kSmallCallThreadsPerBlock threads;
@@ -237,24 +253,32 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     // follows the tests in the kernel, and with q's placed after k's, 1-32
     // token calls ran 0.02-0.04 µs slower (benchmarks/NOTES.md, v20): the
     // instruction fetch of a jump, on the q units' path.
-    if (u >= L.k_end && u < L.q_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::q_rot>(p, u - L.k_end, t);
-    if (u < L.k_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::k_rot>(p, u, t);
-    run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::v>(p, u - L.q_end, t);
+    if (u >= L.k_end && u < L.q_end) return run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::q_rot>(p, u - L.k_end, t);
+    if (u < L.k_end) return run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::k_rot>(p, u, t);
+    run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::v>(p, u - L.q_end, t);
   } else {
     if constexpr (ROT) {
-      if (u < L.q_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::q_rot>(p, u, t);
-      if (u < L.k_rot_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::k_rot>(p, u - L.q_end, t);
+      if (u < L.q_end) return run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::q_rot>(p, u, t);
+      if (u < L.k_rot_end) return run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::k_rot>(p, u - L.q_end, t);
     } else {
-      if (u < L.k_tail_end) return run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::k_tail>(p, u, t);
+      if (u < L.k_tail_end) return run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::k_tail>(p, u, t);
     }
-    run_small_unit<T, C, NEOX, D, ROT, I, UnitKind::v>(p, u - L.k_tail_end, t);
+    run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::v>(p, u - L.k_tail_end, t);
   }
 }
 
 // The small kernel's head size for a call, or 0 when the call does not fit it.
+// With PDL it serves rotating calls of more than kTypedIndexMaxTokens tokens,
+// past which the unit kernel tests the index dtype per load: 64 tokens 0.2-0.3
+// µs faster, 128 tokens 0.1-0.2 (but Llama into an fp8 cache, 0.03-0.07
+// slower). Smaller calls keep the unit kernel, which plans before its wait:
+// level for bf16 caches, and into fp8 ones faster at some sizes, slower at
+// others (benchmarks/NOTES.md, v21). store_kv calls with PDL keep the rows,
+// unit and two-unit kernels.
 template <bool ROT>
 int small_call_head_dim(const RopeKVParams& p, const UnitLayout& L, IndexType index_type, bool enable_pdl) {
-  if (enable_pdl || index_type == IndexType::any) return 0;
+  if (index_type == IndexType::any) return 0;
+  if (enable_pdl && !(ROT && p.num_tokens > kTypedIndexMaxTokens)) return 0;
   if (ROT && p.num_tokens > kSmallRotMaxTokens) return 0;
   if (!ROT && p.num_tokens > kSmallStoreMaxTokens &&
       (L.total < kSmallStoreWideUnits || p.num_tokens * L.total > kSmallStoreMaxUnits))
@@ -781,8 +805,12 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
         shape.block = dim3(unsigned(threads));
         shape.grid = dim3(unsigned(p.num_tokens), unsigned((S.total + threads - 1) / threads));
         auto go = [&](auto dim, auto index_type) {
-          constexpr auto kernel = rope_kv_small_kernel<T, C, NEOX, decltype(dim)::value, ROT, decltype(index_type)::value>;
-          launch(kernel, shape, stream, false, S, p);
+          constexpr int D = decltype(dim)::value;
+          constexpr IndexType I = decltype(index_type)::value;
+          if constexpr (ROT) {
+            if (enable_pdl) return launch(rope_kv_small_kernel<T, C, NEOX, D, ROT, I, true>, shape, stream, true, S, p);
+          }
+          launch(rope_kv_small_kernel<T, C, NEOX, D, ROT, I, false>, shape, stream, false, S, p);
         };
         auto with_index = [&](auto dim) {
           if (index_type == IndexType::i64) go(dim, IndexTag<IndexType::i64>{});
