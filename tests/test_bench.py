@@ -1,6 +1,9 @@
-"""The benchmark's rule for unsteady measurements (python -m ropekv bench)."""
+"""The benchmark's rule for unsteady measurements, and its launch floor (python -m ropekv bench)."""
 
 from __future__ import annotations
+
+import pytest
+import torch
 
 from ropekv import bench
 
@@ -41,3 +44,16 @@ def test_retakes_are_bounded_and_the_steadiest_is_kept():
     measure, taken = measurements(UNSTEADY, less, UNSTEADY, STEADY)
     assert bench.steadiest(measure) == (less, bench.RETIMES)
     assert len(taken) == 1 + bench.RETIMES
+
+
+def test_no_empty_kernel_figure_off_cuda():
+    assert bench.measure_empty_kernel(torch.device("cpu"), "quick") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_empty_kernel_is_timed_like_the_kernels():
+    """The launch floor the bench reports beside the copy baseline: a median of
+    the quick mode's replays of a graph of empty kernels, per kernel."""
+    empty = bench.measure_empty_kernel(torch.device("cuda"), "quick")
+    assert empty is not None and len(empty["us_samples"]) == bench.REPLAYS["quick"]
+    assert 0.1 < empty["us"] < 20, empty

@@ -454,6 +454,17 @@ def measure_copy(device: torch.device, mode: str) -> dict:
             "GBps": 2 * nbytes / us / 1e3}
 
 
+def measure_empty_kernel(device: torch.device, mode: str) -> Optional[dict]:
+    """Per-call µs of a kernel that does nothing (torch's one-thread spin kernel, told to
+    spin 0 cycles), timed like the kernels: the launch floor under every small call's
+    figure. None off CUDA or where torch lacks the kernel."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if device.type != "cuda" or sleep is None:
+        return None
+    times, _ = steadiest(lambda: time_cuda(lambda _: sleep(0), [None], REPLAYS[mode]))
+    return {"us": statistics.median(times), "us_samples": [round(x, 3) for x in times]}
+
+
 # ----------------------------------------------------------------------------- environment
 
 
@@ -722,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
           f"mode {mode_name}", file=sys.stderr)
     copy = measure_copy(device, mode_name)
     print(f"copy bandwidth (read + write): {copy['GBps']:.1f} GB/s", file=sys.stderr)
+    empty = measure_empty_kernel(device, mode_name)
+    if empty is not None:
+        print(f"empty kernel: {empty['us']:.2f} µs per call", file=sys.stderr)
 
     cases = [(s, c, t) for s in SHAPES for c in CACHE_DTYPES for t in tokens]
     progress = Progress(len(cases))
@@ -771,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
             "tokens": tokens,
         },
         "copy": copy,
+        "empty_kernel": empty,
         "results": rows,
         "elapsed_s": None,
     }
@@ -781,7 +796,8 @@ def main(argv: list[str] | None = None) -> int:
     report["elapsed_s"] = round(time.perf_counter() - started, 2)
 
     print(f"\nropekv {env['ropekv']} on {env['device']['name']} ({dev_type}), torch {env['torch']}; "
-          f"µs per call (median); copy {copy['GBps']:.1f} GB/s" + ("; PDL on" if PDL else ""))
+          f"µs per call (median); copy {copy['GBps']:.1f} GB/s"
+          + (f"; empty kernel {empty['us']:.2f} µs" if empty is not None else "") + ("; PDL on" if PDL else ""))
     print(table(rows))
     if dev_type == "cpu":
         print(f"(CPU: {torch.get_num_threads()} threads; warm caches, perf_counter medians)")
