@@ -16,7 +16,9 @@ def us(x):
 def table(path):
     with open(path) as f:
         run = json.load(f)
-    lines = [f"{path}: pdl={run['pdl']}, copy {2 * 2**30 / run['copy']['us'] / 1e3:.0f} GB/s", "",
+    empty = run.get("empty_kernel")  # absent before the bench timed it
+    floor = f", empty kernel {empty['us']:.2f} µs" if empty else ""
+    lines = [f"{path}: pdl={run['pdl']}, copy {2 * 2**30 / run['copy']['us'] / 1e3:.0f} GB/s{floor}", "",
              "| shape | cache | tokens | sets | " + " | ".join(VARIANTS) + " | fused GB/s | fused % of copy |",
              "| --- | --- | ---: | ---: | " + "---: | " * len(VARIANTS) + "---: | ---: |"]
     for r in run["results"]:

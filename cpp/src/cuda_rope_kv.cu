@@ -269,12 +269,13 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
 
 // The small kernel's head size for a call, or 0 when the call does not fit it.
 // With PDL it serves rotating calls of more than kTypedIndexMaxTokens tokens,
-// past which the unit kernel tests the index dtype per load: 64 tokens 0.2-0.3
-// µs faster, 128 tokens 0.1-0.2 (but Llama into an fp8 cache, 0.03-0.07
-// slower). Smaller calls keep the unit kernel, which plans before its wait:
-// level for bf16 caches, and into fp8 ones faster at some sizes, slower at
-// others (benchmarks/NOTES.md, v21). store_kv calls with PDL keep the rows,
-// unit and two-unit kernels.
+// past which the unit kernel tests the index dtype per load: 64 tokens
+// 0.15-0.3 µs faster, 128 tokens 0.1-0.25 (but 0.03-0.07 slower for Llama
+// into an fp8 cache, and 0.04 for gpt-oss into one at 33 tokens). Smaller
+// calls keep the unit kernel, which plans before its wait: level for bf16
+// caches, and into fp8 ones faster at some sizes, slower at others
+// (benchmarks/NOTES.md, v21). store_kv calls with PDL keep the rows, unit and
+// two-unit kernels.
 template <bool ROT>
 int small_call_head_dim(const RopeKVParams& p, const UnitLayout& L, IndexType index_type, bool enable_pdl) {
   if (index_type == IndexType::any) return 0;
