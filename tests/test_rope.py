@@ -212,9 +212,9 @@ def test_enable_pdl_gives_the_same_bits(backend, T):
     with each call's inputs written by the kernel just before it: the same bits
     as the default launch, for store_kv and the fused call, at sizes that take
     the typed-index, small (40 tokens), general and two-units-per-thread
-    kernels (store_kv takes the rows kernel by default, and with PDL up to 2^15 16-byte units, 128
-    tokens here; past that the unit kernel, and from 2^20 units, which 8200
-    tokens are here, the two-unit kernel)."""
+    kernels (store_kv takes the rows kernel by default, and with PDL up to 2^15
+    16-byte units, 128 tokens here; past that the unit kernel, and from 2^20
+    units, which 8200 tokens are here, the two-unit kernel)."""
     device = backend[1]
     gen = torch.Generator().manual_seed(T)
     H, D, slots, max_pos = 8, 128, T + 50, 4096
@@ -487,8 +487,8 @@ def test_small_kernel_takes_the_calls_it_serves(backend):
     (kernel names from the profiler): fused calls at their token limit (bf16
     and fp8 caches) and narrow store_kv calls at theirs run the small kernel; one token more, a partial rotation, a head size it does not
     compile or a bf16 cos/sin table do not. With PDL, fused calls of more than
-    32 tokens do, smaller ones and narrow store_kv calls do not. store_kv calls with K and V
-    rows of at least 64 chunks into a cache of the input dtype run the rows
+    32 tokens do, smaller ones and narrow store_kv calls do not. store_kv
+    calls with K and V rows of at least 64 chunks into a cache of the input dtype run the rows
     kernel at any size (with PDL up to 2^15 chunks), into an fp8 cache or with
     heads apart in the input they do not."""
     needs_native_cuda(backend)
