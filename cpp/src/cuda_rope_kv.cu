@@ -34,6 +34,16 @@ constexpr int kMinThreadsPerBlock = 128;
 // At most 64 registers, so that an SM holds at least 1024 threads.
 constexpr int kMinBlocksPerSM = 2;
 
+// Programmatic dependent launch: wait for the previous kernel's writes, and
+// let the next kernel start launching (it makes its addresses, then waits for
+// ours the same way). Both are no-ops when the launch did not ask for it.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 // One unit of kind K for the tokens t, t + stride, ... Without programmatic
 // dependent launch the previous kernel has finished when this one starts, so
 // the first token's indices are loaded first and the plan is made while they
@@ -48,13 +58,7 @@ __device__ __forceinline__ void run_units(const RopeKVParams& p, const UnitLayou
   TokenIndex ix;
   if (!pdl) ix = load_token_index<I>(p, kRotates, writes, t);
   UnitPlan<T, C> plan = plan_kind<T, C, NEOX, WIDE, K>(p, L, u);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Programmatic dependent launch: wait for the previous kernel's writes, and
-  // let the next kernel start launching (it plans, then waits for ours the
-  // same way). Both are no-ops when the launch did not ask for it.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
+  wait_for_previous_kernel();
   if (pdl) ix = load_token_index<I>(p, kRotates, writes, t);
   read_plan_scale(plan);
   const int64_t stride = int64_t(gridDim.x) * blockDim.y;
@@ -91,15 +95,15 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
 // only some of them: see small_call_head_dim): a unit's head and column are
 // then a constant shift and mask, its cos/sin offsets constants, and nothing
 // is planned, tested per load or looped over (one token per grid column).
-// Everything else about the call
-// (strides, paged caches, fp8 scales, padding slots) stays as general as in
-// the unit kernel, through the same helpers. Measured (benchmarks/NOTES.md,
-// v15, Llama shape, 1 / 8 / 32 tokens): fused 1.72 / 1.83 / 1.91 -> 1.58 /
-// 1.65 / 1.78 µs, RoPE alone 1.69 / 1.77 / 1.82 -> 1.54 / 1.62 / 1.73,
-// store_kv 1.45 / 1.54 / 1.61 -> 1.40 / 1.48 / 1.53. Rotating calls take it up
-// to kSmallRotMaxTokens tokens (v17, A/B of wheels, Llama fused, unit kernel
-// -> this one at 64 / 128 tokens: bf16 cache 2.23 / 2.33 -> 1.95 / 2.23 µs,
-// fp8 cache 2.55 / 2.73 -> 2.05 / 2.25; at 33 tokens 2.07 -> 1.80).
+// Everything else about the call (strides, paged caches, fp8 scales, padding
+// slots) stays as general as in the unit kernel, through the same helpers.
+// Measured (benchmarks/NOTES.md, v15, Llama shape, 1 / 8 / 32 tokens):
+// fused 1.72 / 1.83 / 1.91 -> 1.58 / 1.65 / 1.78 µs, RoPE alone 1.69 / 1.77 /
+// 1.82 -> 1.54 / 1.62 / 1.73, store_kv 1.45 / 1.54 / 1.61 -> 1.40 / 1.48 /
+// 1.53. Rotating calls take it up to kSmallRotMaxTokens tokens (v17, A/B of
+// wheels, Llama fused, unit kernel -> this one at 64 / 128 tokens: bf16 cache
+// 2.23 / 2.33 -> 1.95 / 2.23 µs, fp8 cache 2.55 / 2.73 -> 2.05 / 2.25; at 33
+// tokens 2.07 -> 1.80).
 constexpr int64_t kSmallRotMaxTokens = 128;
 // Into an fp8 cache the conversion (a division made exact by two corrections)
 // is most of a k unit's work after its cos/sin row arrives, so a NeoX k unit is
@@ -177,10 +181,7 @@ __device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int
   const int half = kSplit ? int(unsigned(w) % kThreadsPerHead) / kPerHead : 0;
   T* const src = static_cast<T*>(x.ptr) + t * x.token_stride + head * x.head_stride + j * W;
   if constexpr (PDL) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
+    wait_for_previous_kernel();
     load_indices();
   }
   Chunk<T, W> lo = load_chunk<T, W, true>(src), hi;
@@ -395,10 +396,7 @@ __global__ void __launch_bounds__(kStorePairThreads) store_kv_pairs_kernel(const
   if constexpr (PDL) {
     // The addresses are made while the previous kernel runs; its outputs may be
     // this call's inputs, so every load comes after the wait.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
+    wait_for_previous_kernel();
     slot = load_index(p.loc, p.loc_i64, t);
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -497,10 +495,7 @@ __global__ void __launch_bounds__(kStoreRowsThreads) store_kv_rows_kernel(const 
   if constexpr (PDL) {
     // The addresses are made while the previous kernel runs; its outputs may be
     // this call's inputs, so every load comes after the wait.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
+    wait_for_previous_kernel();
     slot = load_index<I>(p.loc, false, t);
   }
   Chunk<T, W> kx, vx;
@@ -584,10 +579,7 @@ __device__ __forceinline__ void run_rows(const RopeKVParams& p, const RowLayout&
   const int64_t c_step = cache.head_stride << head_shift;
   const int cs_col = NEOX ? j * W : j * W / 2;
   const int half = p.rot_dim / 2;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
+  wait_for_previous_kernel();
   if (pdl) ix = load_token_index(p, kRotates, writes, t);
   float scale[N];
 #pragma unroll
