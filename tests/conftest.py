@@ -7,6 +7,7 @@ thorough (many more examples; what scripts/gpu-check.sh uses on a GPU).
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -61,6 +62,11 @@ SMALL_STORE_MAX_UNITS = 2**17
 # all): kStoreRows* in cpp/src/cuda_rope_kv.cu.
 STORE_ROWS_MIN_UNITS = 64
 STORE_ROWS_MAX_UNITS_PDL = 2**15
+# Without PDL, calls of an even number of tokens, more than 64 and at most 128,
+# whose row fits one block of the rows kernel (at most 128 chunks) stack two
+# tokens per block (kStoreRowsPair* and kStoreRowsThreads).
+STORE_ROWS_PAIR_TOKENS = range(65, 129)
+STORE_ROWS_BLOCK_UNITS = 128
 
 
 def small_store_max_tokens(num_heads: int, head_dim: int, itemsize: int = 2) -> int:
@@ -74,6 +80,20 @@ def small_store_max_tokens(num_heads: int, head_dim: int, itemsize: int = 2) -> 
 def store_rows_wide_enough(num_heads: int, head_dim: int, itemsize: int = 2) -> bool:
     """Whether a store_kv row of num_heads heads is wide enough for the rows kernel."""
     return num_heads * head_dim * itemsize // 16 >= STORE_ROWS_MIN_UNITS
+
+
+def store_rows_pairs(T: int, k_units: int, v_units: int, pdl: bool = False) -> bool:
+    """Whether a store_kv call that takes the rows kernel runs it two tokens per
+    block (k_units, v_units: 16-byte chunks per token of K and V)."""
+    return not pdl and T % 2 == 0 and T in STORE_ROWS_PAIR_TOKENS and max(k_units, v_units) <= STORE_ROWS_BLOCK_UNITS
+
+
+def tokens_per_block(kernel_name: str) -> int:
+    """The last template argument of a rows-kernel name (tokens per block), from
+    a demangled name (`..., 2>(`) or a mangled one (`Li2EEEv`)."""
+    m = re.search(r",\s*(\d+)>\s*\(", kernel_name) or re.search(r"Li(\d+)EEEv", kernel_name)
+    assert m, kernel_name
+    return int(m.group(1))
 
 
 def cuda_kernel_names(fn) -> set:

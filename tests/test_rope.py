@@ -206,15 +206,16 @@ def test_out_of_range_positions_leave_token_unrotated(backend):
     assert torch.equal(q[0], q0[0]) and torch.equal(q[2], q0[2]) and not torch.equal(q[1], q0[1])
 
 
-@pytest.mark.parametrize("T", [1, 29, 40, 300, 8200])
+@pytest.mark.parametrize("T", [1, 29, 40, 98, 300, 8200])
 def test_enable_pdl_gives_the_same_bits(backend, T):
     """enable_pdl=True (programmatic dependent launch on sm_90+, a no-op elsewhere),
     with each call's inputs written by the kernel just before it: the same bits
     as the default launch, for store_kv and the fused call, at sizes that take
-    the typed-index, small (40 tokens), general and two-units-per-thread
-    kernels (store_kv takes the rows kernel by default, and with PDL up to 2^15
-    16-byte units, 128 tokens here; past that the unit kernel, and from 2^20
-    units, which 8200 tokens are here, the two-unit kernel)."""
+    the typed-index, small (40 and 98 tokens), general and two-units-per-thread
+    kernels (store_kv takes the rows kernel by default, two tokens per block at
+    98 tokens, and with PDL up to 2^15 16-byte units, 128 tokens here; past that
+    the unit kernel, and from 2^20 units, which 8200 tokens are here, the
+    two-unit kernel)."""
     device = backend[1]
     gen = torch.Generator().manual_seed(T)
     H, D, slots, max_pos = 8, 128, T + 50, 4096

@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 import ropekv
 import reference as ref
 from cases import KVCase, build_kv, kv_cases
-from conftest import cuda_kernel_names, small_store_max_tokens, store_rows_wide_enough
+from conftest import cuda_kernel_names, small_store_max_tokens, store_rows_pairs, store_rows_wide_enough, tokens_per_block
 
 
 def run_store_case(case: KVCase, device: torch.device) -> None:
@@ -172,7 +172,7 @@ def test_store_kv_small_calls(backend, cache, d, size):
         assert any(("store_kv_rows_kernel" if rows else "rope_kv_small_kernel") in n for n in names), names
 
 
-@pytest.mark.parametrize("T", [1, 37, 300])
+@pytest.mark.parametrize("T", [1, 37, 64, 65, 66, 128, 129, 300])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", [("3d", "3d", 1), ("2d", "2d", 1), ("3d", "paged", 16), ("2d", "slot_padded", 1)],
                          ids=["3d-3d", "2d-2d", "3d-paged", "2d-slot_padded"])
@@ -182,8 +182,10 @@ def test_store_kv_rows_kernel(backend, index_dtype, layout, dtype, T):
     a slot, rows of 64 chunks or more, a cache of the input dtype): 3-D and 2-D
     tensors, contiguous pages, slots further apart than a row; K and V of
     different widths (K's row the wider); padding and out-of-range slots. The
-    test checks that the rows kernel ran. (Views into a fused qkv tensor take it
-    in test_enable_pdl_gives_the_same_bits.)"""
+    test checks that the rows kernel ran, two tokens per block for even counts
+    from 66 to 128 tokens when a row fits one block (16-bit inputs here; fp32
+    rows are twice as many chunks), else one.
+    (Views into a fused qkv tensor take it in test_enable_pdl_gives_the_same_bits.)"""
     input_layout, cache_layout, page_size = layout
     hk, hv, dk, dv = 8, 3, 128, 64
     case = KVCase(T=T, hk=hk, dk=dk, hv=hv, dv=dv, dtype=dtype, cache_dtype=None, input_layout=input_layout,
@@ -193,5 +195,9 @@ def test_store_kv_rows_kernel(backend, index_dtype, layout, dtype, T):
         run_store_case(case, backend[1])
         return
     names = cuda_kernel_names(lambda: run_store_case(case, backend[1]))
+    rows = [n for n in names if "store_kv_rows_kernel" in n]
     if names:
-        assert any("store_kv_rows_kernel" in n for n in names), names
+        assert rows, names
+        chunk = 16 // dtype.itemsize
+        want = 2 if store_rows_pairs(T, hk * dk // chunk, hv * dv // chunk) else 1
+        assert all(tokens_per_block(n) == want for n in rows), rows

@@ -431,6 +431,20 @@ constexpr int kStoreRowsMinThreads = 64;
 // slower past it (v17: Llama 128 tokens 1.29 -> 1.08 µs, 512 tokens 1.65 ->
 // 1.74; gpt-oss 2048 tokens 2.42 -> 2.97).
 constexpr int64_t kStoreRowsMaxUnitsPDL = int64_t(1) << 15;
+// Calls of an even number of tokens, more than kStoreRowsPairMinTokens and at
+// most kStoreRowsPairMaxTokens, without PDL, whose row fits one block, stack
+// two tokens per block: half the blocks, each twice the threads. Measured
+// (benchmarks/NOTES.md, v22, four interleaved passes, one token per block ->
+// two): Llama shape 128 tokens 1.53-1.55 -> 1.50-1.52 µs, 96 level; gpt-oss
+// 96 / 128 tokens 1.40 / 1.45 -> 1.37 / 1.42 (and 64, 1.39 -> 1.35). Elsewhere
+// two per block were slower: Llama 32 / 64 tokens +0.05 / +0.02, both shapes
+// at 256 tokens +0.03-0.09; four per block were slower at every size.
+// Odd counts keep one token per block: the bound test for the last block's
+// second token (the token count, a parameter past the first 64 bytes, read
+// before the slot's load) took most of the gain (Llama 128 tokens 1.53-1.54 ->
+// 1.52-1.53 with it).
+constexpr int64_t kStoreRowsPairMinTokens = 64;
+constexpr int64_t kStoreRowsPairMaxTokens = 128;
 
 struct StoreRowsParams {
   const void* loc = nullptr;
@@ -481,11 +495,14 @@ bool store_rows_params(const RopeKVParams& p, StoreRowsParams& s) {
 // COLUMN: a row has more chunks than a block has threads, and blockIdx.y picks
 // the block's part of it. Only then is blockIdx.y read: that special-register
 // read came before the slot's load and cost 0.03-0.07 µs at 32-2048 tokens
-// (benchmarks/NOTES.md, v18).
-template <class T, IndexType I, bool PDL, bool COLUMN>
-__global__ void __launch_bounds__(kStoreRowsThreads) store_kv_rows_kernel(const StoreRowsParams p) {
+// (benchmarks/NOTES.md, v18). TOKENS: tokens per block (1, or 2 with COLUMN
+// false: threadIdx.y picks the token; the launcher covers an even token count
+// with whole blocks, so no token is out of range).
+template <class T, IndexType I, bool PDL, bool COLUMN, int TOKENS = 1>
+__global__ void __launch_bounds__(kStoreRowsThreads * TOKENS) store_kv_rows_kernel(const StoreRowsParams p) {
+  static_assert(TOKENS == 1 || (TOKENS == 2 && !COLUMN), "two tokens per block only for rows of one block");
   constexpr int W = chunk_elems<T, false, true>();
-  const int64_t t = blockIdx.x;
+  const int64_t t = TOKENS == 1 ? int64_t(blockIdx.x) : int64_t(blockIdx.x) * TOKENS + threadIdx.y;
   const int i = COLUMN ? int(blockIdx.y) * kStoreRowsThreads + int(threadIdx.x) : int(threadIdx.x);
   int64_t slot = -1;
   if constexpr (!PDL) slot = load_index<I>(p.loc, false, t);
@@ -767,10 +784,19 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
         LaunchShape shape;
         shape.block = dim3(unsigned(std::min(per_token, kStoreRowsThreads)));
         shape.grid = dim3(unsigned(p.num_tokens), unsigned((per_token + shape.block.x - 1) / shape.block.x));
+        const bool pairs = !enable_pdl && shape.grid.y == 1 && p.num_tokens % 2 == 0 &&
+                           p.num_tokens > kStoreRowsPairMinTokens && p.num_tokens <= kStoreRowsPairMaxTokens;
+        if (pairs) {
+          shape.block.y = 2;
+          shape.grid.x = unsigned(p.num_tokens / 2);
+        }
         auto go = [&](auto index_type, auto column) {
           constexpr IndexType I = decltype(index_type)::value;
           constexpr bool COLUMN = decltype(column)::value;
           if (enable_pdl) return launch(store_kv_rows_kernel<T, I, true, COLUMN>, shape, stream, true, sr);
+          if constexpr (!COLUMN) {
+            if (pairs) return launch(store_kv_rows_kernel<T, I, false, false, 2>, shape, stream, false, sr);
+          }
           launch(store_kv_rows_kernel<T, I, false, COLUMN>, shape, stream, false, sr);
         };
         auto with_index = [&](auto column) {
