@@ -438,7 +438,7 @@ constexpr int64_t kStoreRowsMaxUnitsPDL = int64_t(1) << 15;
 // two): Llama shape 128 tokens 1.53-1.55 -> 1.50-1.52 µs, 96 level; gpt-oss
 // 96 / 128 tokens 1.40 / 1.45 -> 1.37 / 1.42 (and 64, 1.39 -> 1.35). Elsewhere
 // two per block were slower: Llama 32 / 64 tokens +0.05 / +0.02, both shapes
-// at 256 tokens +0.03-0.09; four per block were slower at every size.
+// at 256 tokens +0.03-0.09; four per block were slower at every Llama size.
 // Odd counts keep one token per block: the bound test for the last block's
 // second token (the token count, a parameter past the first 64 bytes, read
 // before the slot's load) took most of the gain (Llama 128 tokens 1.53-1.54 ->
