@@ -12,7 +12,8 @@ from hypothesis import given, strategies as st
 import ropekv
 import reference as ref
 from cases import KVCase, build_kv, kv_cases
-from conftest import cuda_kernel_names, small_store_max_tokens, store_rows_pairs, store_rows_wide_enough, tokens_per_block
+from conftest import (cuda_kernel_names, small_store_max_tokens, store_rows_pairs, store_rows_wide_enough,
+                      tokens_per_block)
 
 
 def run_store_case(case: KVCase, device: torch.device) -> None:
@@ -184,8 +185,8 @@ def test_store_kv_rows_kernel(backend, index_dtype, layout, dtype, T):
     different widths (K's row the wider); padding and out-of-range slots. The
     test checks that the rows kernel ran, two tokens per block for even counts
     from 66 to 128 tokens when a row fits one block (16-bit inputs here; fp32
-    rows are twice as many chunks), else one.
-    (Views into a fused qkv tensor take it in test_enable_pdl_gives_the_same_bits.)"""
+    rows are twice as many chunks), else one. (Views into a fused qkv tensor
+    take it in test_enable_pdl_gives_the_same_bits.)"""
     input_layout, cache_layout, page_size = layout
     hk, hv, dk, dv = 8, 3, 128, 64
     case = KVCase(T=T, hk=hk, dk=dk, hv=hv, dv=dv, dtype=dtype, cache_dtype=None, input_layout=input_layout,
