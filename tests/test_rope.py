@@ -365,16 +365,22 @@ EXTREME_TENSOR_SCALES = [0.37, -1.7, 2.0**-64 * (1 - 2.0**-24), 2.0**64 * (1 + 2
                          3.4028234663852886e38, float("inf"), -float("inf"), float("nan")]
 
 
-@pytest.mark.parametrize("size", ["row kernel", "small kernel"])
+@pytest.mark.parametrize("size", ["row kernel", "large-call kernel", "small kernel"])
 def test_fused_fp8_write_at_extreme_scales(backend, size):
-    """The fp8 write of fused calls in the gpt-oss shape, through the row kernel (its
-    token threshold) and the small kernel (8 tokens), at scales of every fp32 class,
-    against the reference's IEEE division of the rotated key and the value: those
-    kernels bring scales outside the reciprocal's range into it by a power of two."""
+    """The fp8 write of fused calls, through the row kernel (the gpt-oss shape at its
+    token threshold), the large-call kernel (heads of 128 at its threshold) and the
+    small kernel (the gpt-oss shape, 8 tokens), at scales of every fp32 class, against
+    the reference's IEEE division of the rotated key and the value: those kernels
+    bring scales outside the reciprocal's range into it by a power of two."""
     device = backend[1]
-    if size == "row kernel":
+    if size != "small kernel":
         needs_native_cuda(backend)
-    T, hq, hk, d = row_kernel_min_tokens() if size == "row kernel" else 8, 64, 8, 64
+    if size == "row kernel":
+        T, hq, hk, d = row_kernel_min_tokens(), 64, 8, 64
+    elif size == "large-call kernel":
+        T, hq, hk, d = large_kernel_min_tokens(), 8, 8, 128
+    else:
+        T, hq, hk, d = 8, 64, 8, 64
     gen = torch.Generator().manual_seed(11)
     # Magnitudes across the binades (scaled by 2^-20 .. 2^20), so every scale meets quotients that matter.
     qkv = torch.randn(T, (hq + 2 * hk) * d, generator=gen) * torch.exp2(torch.randint(-20, 21, (T, 1), generator=gen))
@@ -469,9 +475,11 @@ def test_small_fp8_calls_with_odd_query_heads(backend, d, hq, pdl):
     layout (q units first) put one head's threads in two warps, at d = 128 and
     hq = 7 in two blocks. Repeated calls of several sizes, each checked whole,
     launched by default and with PDL (with which the small kernel takes the
-    calls of more than 32 tokens)."""
+    calls of more than 32 tokens); the largest takes the large-call kernel (the
+    row kernel at d = 64), whose threads run two units each: with one query
+    head, some threads of a k head's warp have a second unit and some do not."""
     needs_native_cuda(backend)
-    for T in (1, 8, 33, SMALL_KERNEL_MAX_TOKENS):
+    for T in (1, 8, 33, SMALL_KERNEL_MAX_TOKENS, large_kernel_min_tokens()):
         for rep in range(3):
             seed = 1000 * d + 100 * hq + 10 * T + rep
             kv = small_kv(T, 1, d, torch.bfloat16, torch.float8_e4m3fn, "3d", 1, "tensor", "per_head", seed=seed)
@@ -491,7 +499,9 @@ def test_small_kernel_takes_the_calls_it_serves(backend):
     32 tokens do, smaller ones and narrow store_kv calls do not. store_kv
     calls with K and V rows of at least 64 chunks into a cache of the input dtype run the rows
     kernel at any size (with PDL up to 2^15 chunks), into an fp8 cache or with
-    heads apart in the input they do not."""
+    heads apart in the input they do not. Fused calls from the large-call
+    threshold run the large-call kernel (bf16 and fp8 caches, with PDL too); one
+    token fewer, a partial rotation or a bf16 cos/sin table do not."""
     needs_native_cuda(backend)
     gen = torch.Generator().manual_seed(3)
     hq, hk, d = 8, 2, 128
@@ -514,8 +524,15 @@ def test_small_kernel_takes_the_calls_it_serves(backend):
 
     fp8 = torch.float8_e4m3fn
     rows_pdl_tokens = STORE_ROWS_MAX_UNITS_PDL // (2 * 8 * d * 2 // 16)
-    small, rows, other = "rope_kv_small_kernel", "store_kv_rows_kernel", None
+    small, rows, large, other = "rope_kv_small_kernel", "store_kv_rows_kernel", "rope_kv_large_kernel", None
+    T0 = large_kernel_min_tokens()
     calls = {
+        "fused at the large-call threshold": (fused_call(T0), large),
+        "fused one token below it": (fused_call(T0 - 1), other),
+        "fused into fp8 at the large-call threshold": (fused_call(T0, cache_dtype=fp8), large),
+        "pdl at the large-call threshold": (fused_call(T0, pdl=True), large),
+        "partial rotation at the large-call threshold": (fused_call(T0, rot=64), other),
+        "bf16 cos/sin at the large-call threshold": (fused_call(T0, cs_dtype=torch.bfloat16), other),
         "fused at the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS), small),
         "fused past the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS + 1), other),
         "fused into fp8 at the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS, cache_dtype=fp8), small),
@@ -549,5 +566,42 @@ def test_small_kernel_takes_the_calls_it_serves(backend):
         pytest.skip("the profiler records no CUDA kernels here (under compute-sanitizer, for one)")
     for name, (_, kernel) in calls.items():
         assert seen[name], name
-        for family in (small, rows):
+        for family in (small, rows, large):
             assert any(family in n for n in seen[name]) == (kernel == family), (name, seen[name])
+
+
+# ---- large calls with a common head size (the CUDA large-call kernel) --------
+
+def large_kernel_min_tokens() -> int:
+    """Rotating calls of at least this many tokens that the small kernel could
+    serve but for their size (heads of 64, 128 or 256 rotated whole, an fp32
+    cos/sin table, one index dtype), and that the row kernel does not take, run
+    the CUDA large-call kernel: a token per block, two units per thread
+    (cpp/src/cuda_rope_kv.cu)."""
+    return 32 * torch.cuda.get_device_properties(0).multi_processor_count
+
+
+@pytest.mark.parametrize("pdl", [False, True], ids=["default", "pdl"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "rope"])
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("kind", range(len(SMALL_CALL_CASES)))
+def test_large_calls_match_reference(backend, kind, d, neox, fused, pdl):
+    """Calls of thousands of tokens with each head size the large-call kernel
+    compiles: both rotation styles, bf16 and fp8 caches (paged among them, every
+    scale kind; into an fp8 cache a NeoX k unit is split over several threads),
+    padding and out-of-range slots, positions outside the table, inputs as views
+    of one qkv tensor and as separate tensors, launched by default and with PDL.
+    Every output against the float64 reference, every other cache slot kept;
+    for separate tensors the kernel that ran is the large-call kernel (or, for
+    fused calls with heads of 64, the row kernel)."""
+    needs_native_cuda(backend)
+    dtype, *cache = SMALL_CALL_CASES[kind]
+    T = large_kernel_min_tokens()
+    kv = small_kv(T, 2, d, dtype, *cache, seed=d + kind) if fused else None
+    case = RopeCase(T=T, hq=6, hk=2, head_size=d, rot_dim=d, neox=neox, dtype=dtype, cos_sin_dtype=torch.float32,
+                    layout="qkv" if kind == 0 else "3d", index_dtype=torch.int64, max_pos=5000, bad_pos_frac=0.1,
+                    kv=kv, seed=5 * d + kind)
+    names = cuda_kernel_names(lambda: run_rope_case(case, backend[1], enable_pdl=pdl))
+    if names and case.layout == "3d":  # qkv views with an odd lead take the narrow path
+        assert any("rope_kv_large_kernel" in n or "rope_kv_rows_kernel" in n for n in names), names

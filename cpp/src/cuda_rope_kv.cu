@@ -136,7 +136,7 @@ constexpr bool kSmallSplitK = ROT && NEOX && !std::is_same_v<T, C>;
 // A token's units in the small kernel where it splits k units: [0, k_end) k
 // units, [k_end, q_end) q units, [q_end, total) v units. With k first, a
 // head's k threads start at a multiple of their count, which divides 32, so
-// the threads that split a k unit share a warp (see run_small_unit). Behind an
+// the threads that split a k unit share a warp (see SmallUnit). Behind an
 // odd number of q heads they did not: v19's layout (q first, as UnitLayout)
 // put them in two warps, and a thread could store before another loaded. The
 // counts come last in 48 bytes, so that RopeKVParams, passed after this,
@@ -150,96 +150,135 @@ static_assert(sizeof(SplitKLayout) == 48 && sizeof(UnitLayout) <= 48 && alignof(
 template <class T, class C, bool NEOX, bool ROT>
 using SmallLayout = std::conditional_t<kSmallSplitK<T, C, NEOX, ROT>, SplitKLayout, UnitLayout>;
 
+// One unit of the small kernel, in two steps: load() issues the unit's loads
+// (indices, data, fp8 scale), finish() rotates and stores. The small kernel
+// runs them back to back; the large-call kernel below issues the loads of a
+// thread's two units before it finishes either.
 template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, bool PDL, UnitKind K>
-__device__ __forceinline__ void run_small_unit(const RopeKVParams& p, int w, int64_t t) {
-  constexpr bool kQ = K == UnitKind::q_rot, kV = K == UnitKind::v;
-  constexpr bool kRotates = K == UnitKind::q_rot || K == UnitKind::k_rot;
-  constexpr bool kFp8 = !std::is_same_v<T, C>;
+struct SmallUnit {
+  static constexpr bool kQ = K == UnitKind::q_rot, kV = K == UnitKind::v;
+  static constexpr bool kRotates = K == UnitKind::q_rot || K == UnitKind::k_rot;
+  static constexpr bool kFp8 = !std::is_same_v<T, C>;
   // Into an fp8 cache a NeoX k unit is small_fp8_k_threads(D) threads of W
   // elements each: `half` picks the lo or hi half of the rotated pair.
-  constexpr bool kSplit = kSmallSplitK<T, C, NEOX, ROT> && K == UnitKind::k_rot;
-  constexpr int W = kSplit ? 2 * chunk_elems<T, NEOX, true>() / small_fp8_k_threads(D) : chunk_elems<T, NEOX, true>();
-  constexpr int kPerHead = kRotates && NEOX ? D / 2 / W : D / W;
-  constexpr int kThreadsPerHead = kSplit ? 2 * kPerHead : kPerHead;
+  static constexpr bool kSplit = kSmallSplitK<T, C, NEOX, ROT> && K == UnitKind::k_rot;
+  static constexpr int W = kSplit ? 2 * chunk_elems<T, NEOX, true>() / small_fp8_k_threads(D) : chunk_elems<T, NEOX, true>();
+  static constexpr int kPerHead = kRotates && NEOX ? D / 2 / W : D / W;
+  static constexpr int kThreadsPerHead = kSplit ? 2 * kPerHead : kPerHead;
   static_assert(!kSplit || 32 % kThreadsPerHead == 0, "a split head's threads within one warp");
-  const TokenTensor& x = kQ ? p.q : kV ? p.v : p.k;
-  const CacheTensor& cache = kV ? p.v_cache : p.k_cache;
-  const bool writes = !kQ && p.write_cache;
-  // Without PDL the indices are loaded first and the addresses made while
-  // they are in flight; with it, the addresses are made while the previous
-  // kernel runs, and every load comes after the wait (that kernel may have
-  // written this call's inputs, indices and scales included). Loading the
-  // indices after the address arithmetic in both forms cost default launches
-  // 0.03-0.07 µs (benchmarks/NOTES.md, v20).
+
   int64_t slot = -1, pos = 0;
-  const auto load_indices = [&] {
-    if (writes) slot = load_index<I>(p.loc, p.loc_i64, t);
-    if (kRotates) pos = load_index<I>(p.positions, p.positions_i64, t);
-  };
-  if constexpr (!PDL) load_indices();
-  const int head = int(unsigned(w) / kThreadsPerHead), j = int(unsigned(w) % kPerHead);
-  const int half = kSplit ? int(unsigned(w) % kThreadsPerHead) / kPerHead : 0;
-  T* const src = static_cast<T*>(x.ptr) + t * x.token_stride + head * x.head_stride + j * W;
-  if constexpr (PDL) {
-    wait_for_previous_kernel();
-    load_indices();
-  }
-  Chunk<T, W> lo = load_chunk<T, W, true>(src), hi;
-  if constexpr (kRotates && NEOX) hi = load_chunk<T, W, true>(src + D / 2);
-  // An fp8 cache's scale is loaded with the unit's other loads. Read where the
-  // cache is written, it came after the in-place stores of q and k, which the
-  // compiler may not move it above (they might alias), and the write waited a
-  // round trip for it.
+  int head = 0, j = 0, half = 0;
+  bool writes = false;
+  T* src = nullptr;
+  Chunk<T, W> lo, hi;
   float scale_value = 1.0f;
-  if constexpr (kFp8) {
-    const Scale& s = kV ? p.v_scale : p.k_scale;
-    if (writes) scale_value = s.ptr ? s.ptr[head * s.head_stride] : s.value;
-  }
-  CacheScale scale{};
-  if constexpr (kRotates) {
-    const bool rotates = rotates_at(p, pos);
-    CosSin<NEOX, W> cs;
-    if (rotates) {
-      const float* row = static_cast<const float*>(p.cos_sin) + pos * D + (NEOX ? j * W : j * W / 2);
-      load_floats_vec(row, cs.c);
-      load_floats_vec(row + D / 2, cs.s);
+
+  __device__ __forceinline__ void load(const RopeKVParams& p, int w, int64_t t) {
+    const TokenTensor& x = kQ ? p.q : kV ? p.v : p.k;
+    writes = !kQ && p.write_cache;
+    // Without PDL the indices are loaded first and the addresses made while
+    // they are in flight; with it, the addresses are made while the previous
+    // kernel runs, and every load comes after the wait (that kernel may have
+    // written this call's inputs, indices and scales included). Loading the
+    // indices after the address arithmetic in both forms cost default launches
+    // 0.03-0.07 µs (benchmarks/NOTES.md, v20).
+    const auto load_indices = [&] {
+      if (writes) slot = load_index<I>(p.loc, p.loc_i64, t);
+      if (kRotates) pos = load_index<I>(p.positions, p.positions_i64, t);
+    };
+    if constexpr (!PDL) load_indices();
+    head = int(unsigned(w) / kThreadsPerHead);
+    j = int(unsigned(w) % kPerHead);
+    if constexpr (kSplit) half = int(unsigned(w) % kThreadsPerHead) / kPerHead;
+    src = static_cast<T*>(x.ptr) + t * x.token_stride + head * x.head_stride + j * W;
+    if constexpr (PDL) {
+      wait_for_previous_kernel();
+      load_indices();
     }
-    // The reciprocal is made while the cos/sin row is in flight.
-    if constexpr (kFp8 && !kQ) scale = cache_scale(scale_value);
-    if constexpr (kSplit) {
-      // This thread's half of each rotated pair, into lo.
+    lo = load_chunk<T, W, true>(src);
+    if constexpr (kRotates && NEOX) hi = load_chunk<T, W, true>(src + D / 2);
+    // An fp8 cache's scale is loaded with the unit's other loads. Read where the
+    // cache is written, it came after the in-place stores of q and k, which the
+    // compiler may not move it above (they might alias), and the write waited a
+    // round trip for it.
+    if constexpr (kFp8) {
+      const Scale& s = kV ? p.v_scale : p.k_scale;
+      if (writes) scale_value = s.ptr ? s.ptr[head * s.head_stride] : s.value;
+    }
+  }
+
+  __device__ __forceinline__ void finish(const RopeKVParams& p) {
+    const CacheTensor& cache = kV ? p.v_cache : p.k_cache;
+    CacheScale scale{};
+    if constexpr (kRotates) {
+      const bool rotates = rotates_at(p, pos);
+      CosSin<NEOX, W> cs;
       if (rotates) {
-        lo = rotate_half<T, W>(cs, lo, hi, half);
-        // The head's other threads load what this one stores: all of them
-        // have loaded before any stores (`rotates` is the same for a token).
-        constexpr unsigned kGroup = kThreadsPerHead == 32 ? ~0u : (1u << kThreadsPerHead) - 1u;
-        __syncwarp(kGroup << (threadIdx.x % 32 & ~unsigned(kThreadsPerHead - 1)));
-        store_chunk<T, W, true>(src + half * (D / 2), lo);
-      } else if (half) {
-        lo = hi;
+        const float* row = static_cast<const float*>(p.cos_sin) + pos * D + (NEOX ? j * W : j * W / 2);
+        load_floats_vec(row, cs.c);
+        load_floats_vec(row + D / 2, cs.s);
       }
-    } else if (rotates) {
-      rotate_chunk<T, NEOX, W>(cs, lo, hi);
-      store_chunk<T, W, true>(src, lo);
-      if constexpr (NEOX) store_chunk<T, W, true>(src + D / 2, hi);
+      // The reciprocal is made while the cos/sin row is in flight.
+      if constexpr (kFp8 && !kQ) scale = cache_scale(scale_value);
+      if constexpr (kSplit) {
+        // This thread's half of each rotated pair, into lo.
+        if (rotates) {
+          lo = rotate_half<T, W>(cs, lo, hi, half);
+          // The head's other threads load what this one stores: all of them
+          // have loaded before any stores (`rotates` is the same for a token).
+          constexpr unsigned kGroup = kThreadsPerHead == 32 ? ~0u : (1u << kThreadsPerHead) - 1u;
+          __syncwarp(kGroup << (threadIdx.x % 32 & ~unsigned(kThreadsPerHead - 1)));
+          store_chunk<T, W, true>(src + half * (D / 2), lo);
+        } else if (half) {
+          lo = hi;
+        }
+      } else if (rotates) {
+        rotate_chunk<T, NEOX, W>(cs, lo, hi);
+        store_chunk<T, W, true>(src, lo);
+        if constexpr (NEOX) store_chunk<T, W, true>(src + D / 2, hi);
+      }
+    }
+    if (writes && writes_slot(p, slot)) {
+      // Unpaged caches (the flag is read with the call's first fields) skip
+      // slot_offset's test of the cache's page size, read from further on.
+      const int64_t at = p.paged ? slot_offset(slot, cache.page_stride, cache.slot_stride, cache.page_size)
+                                 : slot * cache.page_stride;
+      C* const dst = static_cast<C*>(cache.ptr) + at + head * cache.head_stride + j * W + half * (D / 2);
+      if constexpr (kFp8 && !kRotates) scale = cache_scale(scale_value);
+      write_cache_chunk<T, C, W, true, ROT>(dst, scale, lo);
+      if constexpr (kRotates && NEOX && !kSplit) write_cache_chunk<T, C, W, true, ROT>(dst + D / 2, scale, hi);
     }
   }
-  if (writes && writes_slot(p, slot)) {
-    // Unpaged caches (the flag is read with the call's first fields) skip
-    // slot_offset's test of the cache's page size, read from further on.
-    const int64_t at = p.paged ? slot_offset(slot, cache.page_stride, cache.slot_stride, cache.page_size)
-                               : slot * cache.page_stride;
-    C* const dst = static_cast<C*>(cache.ptr) + at + head * cache.head_stride + j * W + half * (D / 2);
-    if constexpr (kFp8 && !kRotates) scale = cache_scale(scale_value);
-    write_cache_chunk<T, C, W, true, ROT>(dst, scale, lo);
-    if constexpr (kRotates && NEOX && !kSplit) write_cache_chunk<T, C, W, true, ROT>(dst + D / 2, scale, hi);
+};
+
+// Calls f(KindTag<kind of unit u>{}, u's index among its kind's units) for the
+// small kernel's layout (see SplitKLayout). Rotating calls have q, k and v
+// units (no tail: the heads are rotated whole; into an fp8 cache,
+// small_fp8_k_threads(D) threads per NeoX k unit, k first), store_kv k and v
+// units.
+template <class T, class C, bool NEOX, bool ROT, class F>
+__device__ __forceinline__ void with_small_unit(const SmallLayout<T, C, NEOX, ROT>& L, int u, F&& f) {
+  if constexpr (kSmallSplitK<T, C, NEOX, ROT>) {
+    // k units first, but q tested first: the code of the first test's unit
+    // follows the tests in the kernel, and with q's placed after k's, 1-32
+    // token calls ran 0.02-0.04 µs slower (benchmarks/NOTES.md, v20): the
+    // instruction fetch of a jump, on the q units' path.
+    if (u >= L.k_end && u < L.q_end) return f(KindTag<UnitKind::q_rot>{}, u - L.k_end);
+    if (u < L.k_end) return f(KindTag<UnitKind::k_rot>{}, u);
+    f(KindTag<UnitKind::v>{}, u - L.q_end);
+  } else {
+    if constexpr (ROT) {
+      if (u < L.q_end) return f(KindTag<UnitKind::q_rot>{}, u);
+      if (u < L.k_rot_end) return f(KindTag<UnitKind::k_rot>{}, u - L.q_end);
+    } else {
+      if (u < L.k_tail_end) return f(KindTag<UnitKind::k_tail>{}, u);
+    }
+    f(KindTag<UnitKind::v>{}, u - L.k_tail_end);
   }
 }
 
-// threadIdx.x and blockIdx.y pick the unit, blockIdx.x the token. Rotating
-// calls have q, k and v units (no tail: the heads are rotated whole; into an
-// fp8 cache, small_fp8_k_threads(D) threads per NeoX k unit, k first: the
-// launcher's layout counts them), store_kv k and v units.
+// threadIdx.x and blockIdx.y pick the unit, blockIdx.x the token.
 template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, bool PDL>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     rope_kv_small_kernel(const SmallLayout<T, C, NEOX, ROT> L, const RopeKVParams p) {
@@ -249,45 +288,69 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
   const int u = blockIdx.y * (ROT ? kSmallCallThreadsPerBlock : blockDim.x) + threadIdx.x;
   const int64_t t = blockIdx.x;
   if (u >= L.total) return;
-  if constexpr (kSmallSplitK<T, C, NEOX, ROT>) {
-    // k units first, but q tested first: the code of the first test's unit
-    // follows the tests in the kernel, and with q's placed after k's, 1-32
-    // token calls ran 0.02-0.04 µs slower (benchmarks/NOTES.md, v20): the
-    // instruction fetch of a jump, on the q units' path.
-    if (u >= L.k_end && u < L.q_end) return run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::q_rot>(p, u - L.k_end, t);
-    if (u < L.k_end) return run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::k_rot>(p, u, t);
-    run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::v>(p, u - L.q_end, t);
-  } else {
-    if constexpr (ROT) {
-      if (u < L.q_end) return run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::q_rot>(p, u, t);
-      if (u < L.k_rot_end) return run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::k_rot>(p, u - L.q_end, t);
-    } else {
-      if (u < L.k_tail_end) return run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::k_tail>(p, u, t);
-    }
-    run_small_unit<T, C, NEOX, D, ROT, I, PDL, UnitKind::v>(p, u - L.k_tail_end, t);
-  }
+  with_small_unit<T, C, NEOX, ROT>(L, u, [&](auto kind, int w) {
+    SmallUnit<T, C, NEOX, D, ROT, I, PDL, decltype(kind)::value> unit;
+    unit.load(p, w, t);
+    unit.finish(p);
+  });
 }
 
-// The small kernel's head size for a call, or 0 when the call does not fit it.
-// With PDL it serves rotating calls of more than kTypedIndexMaxTokens tokens,
-// past which the unit kernel tests the index dtype per load: 64 tokens
-// 0.15-0.3 µs faster, 128 tokens 0.1-0.25 (but 0.03-0.07 slower for Llama
-// into an fp8 cache, and 0.04 for gpt-oss into one at 33 tokens). Smaller
-// calls keep the unit kernel, which plans before its wait: level for bf16
-// caches, and into fp8 ones faster at some sizes, slower at others
-// (benchmarks/NOTES.md, v21). store_kv calls with PDL keep the rows, unit and
-// two-unit kernels.
+// ---- Large rotating calls: one token per block, two units per thread ------
+// A call of thousands of tokens moves its bytes at the rate the GPU keeps them
+// in flight. The unit kernel holds one unit per thread in a grid that strides
+// over the tokens; this kernel gives each token its own block and each thread
+// two units (x and x + blockDim.x: blockDim.x is half the token's units,
+// rounded up to whole warps), the loads of both issued before either is
+// finished. Measured (benchmarks/NOTES.md, v23, H100, 32768 tokens): Llama
+// fused 317.7 -> 304.9 µs (92.4 -> 96.4% of copy), into an fp8 cache 300.6 ->
+// 284.5, RoPE alone 238.0 -> 235.3; at 2048 tokens, where a call's data fits
+// in L2, the unit kernel's grid is faster (fused 11.4 against 12.4), so calls
+// take this kernel from kLargeMinTokensPerSM tokens per SM. Into an fp8 cache
+// the kernel is held to 48 registers (four blocks of a Llama token per SM
+// instead of three: 302.6 -> 284.5 µs); a 16-bit cache keeps 64 (48 spills
+// and ran 306.4).
+constexpr int kLargeMinTokensPerSM = 32;
+template <class T, class C>
+constexpr int kLargeMaxRegisters = std::is_same_v<T, C> ? 64 : 48;
+
+template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, bool PDL>
+__global__ void __maxnreg__((kLargeMaxRegisters<T, C>))
+    rope_kv_large_kernel(const SmallLayout<T, C, NEOX, ROT> L, const RopeKVParams p) {
+  const int u = threadIdx.x, u2 = u + blockDim.x;
+  const int64_t t = blockIdx.x;
+  if (u >= L.total) return;
+  with_small_unit<T, C, NEOX, ROT>(L, u, [&](auto kind, int w) {
+    SmallUnit<T, C, NEOX, D, ROT, I, PDL, decltype(kind)::value> a;
+    a.load(p, w, t);
+    if (u2 >= L.total) return a.finish(p);
+    with_small_unit<T, C, NEOX, ROT>(L, u2, [&](auto kind2, int w2) {
+      SmallUnit<T, C, NEOX, D, ROT, I, PDL, decltype(kind2)::value> b;
+      b.load(p, w2, t);
+      a.finish(p);
+      b.finish(p);
+    });
+  });
+}
+
+// The head size of a call that the small and large-call kernels can serve
+// (every head rotated whole, or none, with a common size; fp32 cos/sin read as
+// float4; one index dtype), or 0.
+template <bool ROT>
+int compiled_head_dim(const RopeKVParams& p, IndexType index_type) {
+  if (index_type == IndexType::any) return 0;
+  if (ROT && (p.rot_dim != p.head_dim || !p.cos_sin_vec4)) return 0;
+  if (p.write_cache && p.v_head_dim != p.head_dim) return 0;
+  return p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256 ? p.head_dim : 0;
+}
+
 template <bool ROT>
 int small_call_head_dim(const RopeKVParams& p, const UnitLayout& L, IndexType index_type, bool enable_pdl) {
-  if (index_type == IndexType::any) return 0;
   if (enable_pdl && !(ROT && p.num_tokens > kTypedIndexMaxTokens)) return 0;
   if (ROT && p.num_tokens > kSmallRotMaxTokens) return 0;
   if (!ROT && p.num_tokens > kSmallStoreMaxTokens &&
       (L.total < kSmallStoreWideUnits || p.num_tokens * L.total > kSmallStoreMaxUnits))
     return 0;
-  if (ROT && (p.rot_dim != p.head_dim || !p.cos_sin_vec4)) return 0;
-  if (p.write_cache && p.v_head_dim != p.head_dim) return 0;
-  return p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256 ? p.head_dim : 0;
+  return compiled_head_dim<ROT>(p, index_type);
 }
 
 // ---- store_kv from kStorePairMinTokens tokens: two units per thread ----------
@@ -809,7 +872,11 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
     }
     if constexpr (WIDE && sizeof(T) == 2) {
       const IndexType index_type = index_type_of(p);
-      if (const int d = small_call_head_dim<ROT>(p, L, index_type, enable_pdl)) {
+      // Rotating calls of kLargeMinTokensPerSM tokens per SM or more that the
+      // row kernel did not take run the large-call kernel; smaller calls may
+      // run the small kernel. Both need a compiled head size.
+      const bool large = ROT && p.num_tokens >= int64_t(kLargeMinTokensPerSM) * sms && p.num_tokens <= INT32_MAX;
+      if (const int d = large ? compiled_head_dim<ROT>(p, index_type) : small_call_head_dim<ROT>(p, L, index_type, enable_pdl)) {
         constexpr bool kSplitK = kSmallSplitK<T, C, NEOX, ROT>;
         SmallLayout<T, C, NEOX, ROT> S = {};
         if constexpr (kSplitK) {  // k first, small_fp8_k_threads(d) threads per unit
@@ -820,13 +887,22 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
           S = L;
         }
         LaunchShape shape;
-        const int threads = ROT ? kSmallCallThreadsPerBlock : std::min(kMaxThreadsPerBlock, (S.total + 31) / 32 * 32);
-        shape.block = dim3(unsigned(threads));
-        shape.grid = dim3(unsigned(p.num_tokens), unsigned((S.total + threads - 1) / threads));
+        if (large) {  // a token per block, two units per thread
+          shape.block = dim3(unsigned(((S.total + 1) / 2 + 31) / 32 * 32));
+          shape.grid = dim3(unsigned(p.num_tokens));
+        } else {
+          const int threads = ROT ? kSmallCallThreadsPerBlock : std::min(kMaxThreadsPerBlock, (S.total + 31) / 32 * 32);
+          shape.block = dim3(unsigned(threads));
+          shape.grid = dim3(unsigned(p.num_tokens), unsigned((S.total + threads - 1) / threads));
+        }
         auto go = [&](auto dim, auto index_type) {
           constexpr int D = decltype(dim)::value;
           constexpr IndexType I = decltype(index_type)::value;
           if constexpr (ROT) {
+            if (large) {
+              if (enable_pdl) return launch(rope_kv_large_kernel<T, C, NEOX, D, ROT, I, true>, shape, stream, true, S, p);
+              return launch(rope_kv_large_kernel<T, C, NEOX, D, ROT, I, false>, shape, stream, false, S, p);
+            }
             if (enable_pdl) return launch(rope_kv_small_kernel<T, C, NEOX, D, ROT, I, true>, shape, stream, true, S, p);
           }
           launch(rope_kv_small_kernel<T, C, NEOX, D, ROT, I, false>, shape, stream, false, S, p);
@@ -835,10 +911,12 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
           if (index_type == IndexType::i64) go(dim, IndexTag<IndexType::i64>{});
           else go(dim, IndexTag<IndexType::i32>{});
         };
-        if (d == 64) with_index(std::integral_constant<int, 64>{});
-        else if (d == 128) with_index(std::integral_constant<int, 128>{});
-        else with_index(std::integral_constant<int, 256>{});
-        return;
+        if (shape.block.x <= unsigned(kMaxThreadsPerBlock)) {
+          if (d == 64) with_index(std::integral_constant<int, 64>{});
+          else if (d == 128) with_index(std::integral_constant<int, 128>{});
+          else with_index(std::integral_constant<int, 256>{});
+          return;
+        }
       }
     }
     auto launch_units = [&](auto index_type) {
