@@ -573,11 +573,10 @@ def test_small_kernel_takes_the_calls_it_serves(backend):
 # ---- large calls with a common head size (the CUDA large-call kernel) --------
 
 def large_kernel_min_tokens() -> int:
-    """Rotating calls of at least this many tokens that the small kernel could
-    serve but for their size (heads of 64, 128 or 256 rotated whole, an fp32
-    cos/sin table, one index dtype), and that the row kernel does not take, run
-    the CUDA large-call kernel: a token per block, two units per thread
-    (cpp/src/cuda_rope_kv.cu)."""
+    """Rotating calls of at least this many tokens with heads of 64, 128 or 256
+    rotated whole and an fp32 cos/sin table (any index dtypes), that the row
+    kernel does not take, run the CUDA large-call kernel: a token per block,
+    two units per thread (cpp/src/cuda_rope_kv.cu)."""
     return 32 * torch.cuda.get_device_properties(0).multi_processor_count
 
 
@@ -591,7 +590,8 @@ def test_large_calls_match_reference(backend, kind, d, neox, fused, pdl):
     compiles: both rotation styles, bf16 and fp8 caches (paged among them, every
     scale kind; into an fp8 cache a NeoX k unit is split over several threads),
     padding and out-of-range slots, positions outside the table, inputs as views
-    of one qkv tensor and as separate tensors, launched by default and with PDL.
+    of one qkv tensor and as separate tensors, int64 indices and int32 positions
+    beside int64 slots, launched by default and with PDL.
     Every output against the float64 reference, every other cache slot kept;
     for separate tensors the kernel that ran is the large-call kernel (or, for
     fused calls with heads of 64, the row kernel)."""
@@ -600,8 +600,8 @@ def test_large_calls_match_reference(backend, kind, d, neox, fused, pdl):
     T = large_kernel_min_tokens()
     kv = small_kv(T, 2, d, dtype, *cache, seed=d + kind) if fused else None
     case = RopeCase(T=T, hq=6, hk=2, head_size=d, rot_dim=d, neox=neox, dtype=dtype, cos_sin_dtype=torch.float32,
-                    layout="qkv" if kind == 0 else "3d", index_dtype=torch.int64, max_pos=5000, bad_pos_frac=0.1,
-                    kv=kv, seed=5 * d + kind)
+                    layout="qkv" if kind == 0 else "3d", index_dtype=torch.int32 if kind == 2 else torch.int64,
+                    max_pos=5000, bad_pos_frac=0.1, kv=kv, seed=5 * d + kind)
     names = cuda_kernel_names(lambda: run_rope_case(case, backend[1], enable_pdl=pdl))
     if names and case.layout == "3d":  # qkv views with an odd lead take the narrow path
         assert any("rope_kv_large_kernel" in n or "rope_kv_rows_kernel" in n for n in names), names

@@ -308,23 +308,27 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
 // take this kernel from kLargeMinTokensPerSM tokens per SM. Into an fp8 cache
 // the kernel is held to 48 registers (four blocks of a Llama token per SM
 // instead of three: 302.6 -> 284.5 µs); a 16-bit cache keeps 64 (48 spills
-// and ran 306.4).
+// and ran 306.4). One form serves every call: the units wait for the previous
+// kernel before their loads (a no-op when the launch did not ask for
+// programmatic dependent launch) and test the index dtype per load, which a
+// call of thousands of tokens does not feel; a form per index dtype and launch
+// kind quadrupled the kernels, whose nested unit kinds dominate the build.
 constexpr int kLargeMinTokensPerSM = 32;
 template <class T, class C>
 constexpr int kLargeMaxRegisters = std::is_same_v<T, C> ? 64 : 48;
 
-template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, bool PDL>
+template <class T, class C, bool NEOX, int D, bool ROT>
 __global__ void __maxnreg__((kLargeMaxRegisters<T, C>))
     rope_kv_large_kernel(const SmallLayout<T, C, NEOX, ROT> L, const RopeKVParams p) {
   const int u = threadIdx.x, u2 = u + blockDim.x;
   const int64_t t = blockIdx.x;
   if (u >= L.total) return;
   with_small_unit<T, C, NEOX, ROT>(L, u, [&](auto kind, int w) {
-    SmallUnit<T, C, NEOX, D, ROT, I, PDL, decltype(kind)::value> a;
+    SmallUnit<T, C, NEOX, D, ROT, IndexType::any, true, decltype(kind)::value> a;
     a.load(p, w, t);
     if (u2 >= L.total) return a.finish(p);
     with_small_unit<T, C, NEOX, ROT>(L, u2, [&](auto kind2, int w2) {
-      SmallUnit<T, C, NEOX, D, ROT, I, PDL, decltype(kind2)::value> b;
+      SmallUnit<T, C, NEOX, D, ROT, IndexType::any, true, decltype(kind2)::value> b;
       b.load(p, w2, t);
       a.finish(p);
       b.finish(p);
@@ -334,10 +338,9 @@ __global__ void __maxnreg__((kLargeMaxRegisters<T, C>))
 
 // The head size of a call that the small and large-call kernels can serve
 // (every head rotated whole, or none, with a common size; fp32 cos/sin read as
-// float4; one index dtype), or 0.
+// float4), or 0.
 template <bool ROT>
-int compiled_head_dim(const RopeKVParams& p, IndexType index_type) {
-  if (index_type == IndexType::any) return 0;
+int compiled_head_dim(const RopeKVParams& p) {
   if (ROT && (p.rot_dim != p.head_dim || !p.cos_sin_vec4)) return 0;
   if (p.write_cache && p.v_head_dim != p.head_dim) return 0;
   return p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256 ? p.head_dim : 0;
@@ -345,12 +348,13 @@ int compiled_head_dim(const RopeKVParams& p, IndexType index_type) {
 
 template <bool ROT>
 int small_call_head_dim(const RopeKVParams& p, const UnitLayout& L, IndexType index_type, bool enable_pdl) {
+  if (index_type == IndexType::any) return 0;  // one index dtype, compiled in
   if (enable_pdl && !(ROT && p.num_tokens > kTypedIndexMaxTokens)) return 0;
   if (ROT && p.num_tokens > kSmallRotMaxTokens) return 0;
   if (!ROT && p.num_tokens > kSmallStoreMaxTokens &&
       (L.total < kSmallStoreWideUnits || p.num_tokens * L.total > kSmallStoreMaxUnits))
     return 0;
-  return compiled_head_dim<ROT>(p, index_type);
+  return compiled_head_dim<ROT>(p);
 }
 
 // ---- store_kv from kStorePairMinTokens tokens: two units per thread ----------
@@ -876,7 +880,7 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
       // row kernel did not take run the large-call kernel; smaller calls may
       // run the small kernel. Both need a compiled head size.
       const bool large = ROT && p.num_tokens >= int64_t(kLargeMinTokensPerSM) * sms && p.num_tokens <= INT32_MAX;
-      if (const int d = large ? compiled_head_dim<ROT>(p, index_type) : small_call_head_dim<ROT>(p, L, index_type, enable_pdl)) {
+      if (const int d = large ? compiled_head_dim<ROT>(p) : small_call_head_dim<ROT>(p, L, index_type, enable_pdl)) {
         constexpr bool kSplitK = kSmallSplitK<T, C, NEOX, ROT>;
         SmallLayout<T, C, NEOX, ROT> S = {};
         if constexpr (kSplitK) {  // k first, small_fp8_k_threads(d) threads per unit
@@ -899,15 +903,12 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
           constexpr int D = decltype(dim)::value;
           constexpr IndexType I = decltype(index_type)::value;
           if constexpr (ROT) {
-            if (large) {
-              if (enable_pdl) return launch(rope_kv_large_kernel<T, C, NEOX, D, ROT, I, true>, shape, stream, true, S, p);
-              return launch(rope_kv_large_kernel<T, C, NEOX, D, ROT, I, false>, shape, stream, false, S, p);
-            }
+            if (large) return launch(rope_kv_large_kernel<T, C, NEOX, D, ROT>, shape, stream, enable_pdl, S, p);
             if (enable_pdl) return launch(rope_kv_small_kernel<T, C, NEOX, D, ROT, I, true>, shape, stream, true, S, p);
           }
           launch(rope_kv_small_kernel<T, C, NEOX, D, ROT, I, false>, shape, stream, false, S, p);
         };
-        auto with_index = [&](auto dim) {
+        auto with_index = [&](auto dim) {  // (the large-call kernel takes any index dtype)
           if (index_type == IndexType::i64) go(dim, IndexTag<IndexType::i64>{});
           else go(dim, IndexTag<IndexType::i32>{});
         };
