@@ -133,6 +133,22 @@ constexpr int64_t kSmallStoreMaxUnits = int64_t(1) << 17;
 template <class T, class C, bool NEOX, bool ROT>
 constexpr bool kSmallSplitK = ROT && NEOX && !std::is_same_v<T, C>;
 
+// The small kernel's rotating calls run blocks of this many threads, and a
+// NeoX q or k unit there holds four rotary pairs (half a 16-byte vector of
+// each half of the pair, as an interleaved unit holds four), not eight. After
+// its cos/sin row arrives a thread is on the call's critical path until its
+// stores issue, so half the pairs per thread shortens that path; in lean
+// kernels of the call, four pairs in blocks of 128 beat eight in blocks of 64
+// or 128 (Llama fused 1 / 8 / 32 tokens 1.48 / 1.58 / 1.70 -> 1.40 / 1.48 /
+// 1.60 µs), and two pairs or other block sizes did not (benchmarks/NOTES.md,
+// v24). A/B of wheels: Llama fused 1.59 / 1.65 / 1.73 -> 1.48-1.52 / 1.54-1.57
+// / 1.69-1.72, RoPE alone 1.51 / 1.60 / 1.71 -> 1.41-1.44 / 1.52 / 1.66,
+// gpt-oss fused 1.58 / 1.65 / 1.72 -> 1.47-1.51 / 1.53-1.59 / 1.67-1.68; fp8
+// caches, whose k units were already split (small_fp8_k_threads), level to
+// 0.07 faster. v units keep whole vectors (half-width v units measured level,
+// and fp8 calls in blocks of 64 no faster).
+constexpr int kSmallRotThreadsPerBlock = 128;
+
 // A token's units in the small kernel where it splits k units: [0, k_end) k
 // units, [k_end, q_end) q units, [q_end, total) v units. With k first, a
 // head's k threads start at a multiple of their count, which divides 32, so
@@ -154,7 +170,7 @@ using SmallLayout = std::conditional_t<kSmallSplitK<T, C, NEOX, ROT>, SplitKLayo
 // (indices, data, fp8 scale), finish() rotates and stores. The small kernel
 // runs them back to back; the large-call kernel below issues the loads of a
 // thread's two units before it finishes either.
-template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, bool PDL, UnitKind K>
+template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, bool PDL, bool NARROW, UnitKind K>
 struct SmallUnit {
   static constexpr bool kQ = K == UnitKind::q_rot, kV = K == UnitKind::v;
   static constexpr bool kRotates = K == UnitKind::q_rot || K == UnitKind::k_rot;
@@ -162,7 +178,13 @@ struct SmallUnit {
   // Into an fp8 cache a NeoX k unit is small_fp8_k_threads(D) threads of W
   // elements each: `half` picks the lo or hi half of the rotated pair.
   static constexpr bool kSplit = kSmallSplitK<T, C, NEOX, ROT> && K == UnitKind::k_rot;
-  static constexpr int W = kSplit ? 2 * chunk_elems<T, NEOX, true>() / small_fp8_k_threads(D) : chunk_elems<T, NEOX, true>();
+  // NARROW (the small kernel, not the large-call one): a NeoX q or k unit
+  // holds half a vector of each half of the rotated pair, four pairs (see
+  // kSmallRotThreadsPerBlock).
+  static constexpr bool kNarrow = NARROW && kRotates && NEOX && !kSplit;
+  static constexpr int W = kSplit    ? 2 * chunk_elems<T, NEOX, true>() / small_fp8_k_threads(D)
+                           : kNarrow ? chunk_elems<T, NEOX, true>() / 2
+                                     : chunk_elems<T, NEOX, true>();
   static constexpr int kPerHead = kRotates && NEOX ? D / 2 / W : D / W;
   static constexpr int kThreadsPerHead = kSplit ? 2 * kPerHead : kPerHead;
   static_assert(!kSplit || 32 % kThreadsPerHead == 0, "a split head's threads within one warp");
@@ -282,14 +304,14 @@ __device__ __forceinline__ void with_small_unit(const SmallLayout<T, C, NEOX, RO
 template <class T, class C, bool NEOX, int D, bool ROT, IndexType I, bool PDL>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     rope_kv_small_kernel(const SmallLayout<T, C, NEOX, ROT> L, const RopeKVParams p) {
-  // Rotating calls always launch blocks of kSmallCallThreadsPerBlock threads;
+  // Rotating calls always launch blocks of kSmallRotThreadsPerBlock threads;
   // the constant in place of blockDim.x takes a read off the path to the first
   // load (bf16 calls of 1-128 tokens 0.02-0.08 µs faster, benchmarks/NOTES.md, v18).
-  const int u = blockIdx.y * (ROT ? kSmallCallThreadsPerBlock : blockDim.x) + threadIdx.x;
+  const int u = blockIdx.y * (ROT ? kSmallRotThreadsPerBlock : blockDim.x) + threadIdx.x;
   const int64_t t = blockIdx.x;
   if (u >= L.total) return;
   with_small_unit<T, C, NEOX, ROT>(L, u, [&](auto kind, int w) {
-    SmallUnit<T, C, NEOX, D, ROT, I, PDL, decltype(kind)::value> unit;
+    SmallUnit<T, C, NEOX, D, ROT, I, PDL, true, decltype(kind)::value> unit;
     unit.load(p, w, t);
     unit.finish(p);
   });
@@ -325,11 +347,11 @@ __global__ void __maxnreg__((kLargeMaxRegisters<T, C>))
   const int64_t t = blockIdx.x;
   if (u >= L.total) return;
   with_small_unit<T, C, NEOX, ROT>(L, u, [&](auto kind, int w) {
-    SmallUnit<T, C, NEOX, D, ROT, IndexType::any, true, decltype(kind)::value> a;
+    SmallUnit<T, C, NEOX, D, ROT, IndexType::any, true, false, decltype(kind)::value> a;
     a.load(p, w, t);
     if (u2 >= L.total) return a.finish(p);
     with_small_unit<T, C, NEOX, ROT>(L, u2, [&](auto kind2, int w2) {
-      SmallUnit<T, C, NEOX, D, ROT, IndexType::any, true, decltype(kind2)::value> b;
+      SmallUnit<T, C, NEOX, D, ROT, IndexType::any, true, false, decltype(kind2)::value> b;
       b.load(p, w2, t);
       a.finish(p);
       b.finish(p);
@@ -883,11 +905,19 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
       const bool large = ROT && p.num_tokens >= int64_t(kLargeMinTokensPerSM) * sms && p.num_tokens <= INT32_MAX;
       if (const int d = large ? compiled_head_dim<ROT>(p) : small_call_head_dim<ROT>(p, L, index_type, enable_pdl)) {
         constexpr bool kSplitK = kSmallSplitK<T, C, NEOX, ROT>;
+        // The small kernel's NeoX q and k units are half as wide (SmallUnit::kNarrow):
+        // twice as many per head.
+        const int rot = !large && NEOX ? 2 : 1;
         SmallLayout<T, C, NEOX, ROT> S = {};
         if constexpr (kSplitK) {  // k first, small_fp8_k_threads(d) threads per unit
           S.k_end = (L.k_rot_end - L.q_end) * small_fp8_k_threads(d);
-          S.q_end = S.k_end + L.q_end;
+          S.q_end = S.k_end + L.q_end * rot;
           S.total = S.q_end + (L.total - L.k_rot_end);
+        } else if constexpr (ROT) {  // heads rotated whole: no tail units
+          S = L;
+          S.q_end = L.q_end * rot;
+          S.k_rot_end = S.k_tail_end = S.q_end + (L.k_rot_end - L.q_end) * rot;
+          S.total = S.k_tail_end + (L.total - L.k_tail_end);
         } else {
           S = L;
         }
@@ -896,7 +926,7 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
           shape.block = dim3(unsigned(((S.total + 1) / 2 + 31) / 32 * 32));
           shape.grid = dim3(unsigned(p.num_tokens));
         } else {
-          const int threads = ROT ? kSmallCallThreadsPerBlock : std::min(kMaxThreadsPerBlock, (S.total + 31) / 32 * 32);
+          const int threads = ROT ? kSmallRotThreadsPerBlock : std::min(kMaxThreadsPerBlock, (S.total + 31) / 32 * 32);
           shape.block = dim3(unsigned(threads));
           shape.grid = dim3(unsigned(p.num_tokens), unsigned((S.total + threads - 1) / threads));
         }
