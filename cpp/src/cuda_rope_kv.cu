@@ -906,7 +906,8 @@ void rope_kv_cuda(const RopeKVParams& p, DType input, DType cache, int device, u
       if (const int d = large ? compiled_head_dim<ROT>(p) : small_call_head_dim<ROT>(p, L, index_type, enable_pdl)) {
         constexpr bool kSplitK = kSmallSplitK<T, C, NEOX, ROT>;
         // The small kernel's NeoX q and k units are half as wide (SmallUnit::kNarrow):
-        // twice as many per head.
+        // twice as many per head. Both kernels read only the layout's cumulative
+        // counts (with_small_unit), so those are all that is rescaled.
         const int rot = !large && NEOX ? 2 : 1;
         SmallLayout<T, C, NEOX, ROT> S = {};
         if constexpr (kSplitK) {  // k first, small_fp8_k_threads(d) threads per unit
