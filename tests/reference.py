@@ -57,7 +57,7 @@ def _fp32_div(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def cache_bits(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
-    """The bits a cache of cache_dtype must hold for input x ([H, D]), per SPEC.md section 2.
+    """The bits a cache of cache_dtype must hold for input x ([..., H, D]), per SPEC.md section 2.
 
     scale: float64 tensor broadcastable to [H, 1].
     """
@@ -87,15 +87,18 @@ def store_kv(k3: torch.Tensor, v3: torch.Tensor, k_cache: torch.Tensor, v_cache:
     duplicate slots the last token wins here; callers use unique slots.
     """
     out = []
+    slots = loc.detach().cpu().tolist()
     for x, cache, scale in ((k3, k_cache, k_scale), (v3, v_cache, v_scale)):
         x = x.detach().cpu()
         heads, dim = x.shape[1], x.shape[2]
         c = bits(cache.detach().cpu().clone())
         flat = c.reshape(-1, heads * dim)  # one row per slot (a copy; fine)
-        s = scale_per_head(scale, heads)
-        for t, slot in enumerate(loc.detach().cpu().tolist()):
+        # Every token's row at once (the conversion is elementwise), then placed
+        # token by token, so that the last of duplicate slots wins.
+        rows = cache_bits(x, cache.dtype, scale_per_head(scale, heads)).reshape(len(slots), heads * dim)
+        for t, slot in enumerate(slots):
             if 0 <= slot < flat.shape[0]:
-                flat[slot] = cache_bits(x[t], cache.dtype, s).reshape(-1)
+                flat[slot] = rows[t]
         out.append(flat.reshape(c.shape))
     return out[0], out[1]
 
