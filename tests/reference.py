@@ -126,6 +126,8 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, neox: 
     half = cs.shape[1] // 2
     expected = x.clone()
     slack = torch.zeros_like(x)
+    if cs.shape[0] == 0:  # a table of no rows: every position is outside it
+        return expected, slack
     ok = (pos >= 0) & (pos < cs.shape[0])
     rows = cs[torch.where(ok, pos, 0)]  # [T, R]
     c = rows[:, None, :half]

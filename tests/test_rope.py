@@ -465,6 +465,54 @@ def test_small_calls_match_reference(backend, kind, d, neox, fused, size, pdl):
         assert any("rope_kv_small_kernel" in n for n in names) == takes_small_kernel(T, pdl), names
 
 
+@pytest.mark.parametrize("rows", [0, 16])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "e4m3"])
+def test_small_calls_with_positions_outside_the_table(backend, cache_dtype, rows):
+    """Into an fp8 cache the small kernel loads a cos/sin row for every position
+    (row 0 for one outside the table) and keeps the rotation only of tokens whose
+    position is inside it. Positions far below, just outside and far past a
+    16-row table, int32 and int64, with a padding slot and one past the caches:
+    q, k and both caches against the reference. A table of no rows has no row 0,
+    and the small kernel does not take such a call (on CUDA the test checks
+    which kernel ran)."""
+    device = backend[1]
+    T, hq, hk, d = 8, 3, 2, 128
+    gen = torch.Generator().manual_seed(rows)
+    for index_dtype in (torch.int32, torch.int64):
+        far = 2**31 - 1 if index_dtype == torch.int32 else 2**40
+        positions = torch.tensor([-far, -1, 0, 5, 15, 16, far, 3], dtype=index_dtype)
+        loc = torch.tensor([3, -1, 7, 31, 32, 0, 12, 20], dtype=index_dtype, device=device)
+        qkv = torch.randn(T, (hq + 2 * hk) * d, generator=gen).to(torch.bfloat16).to(device)
+        q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=1)
+        kc = torch.randn(32, hk, d, generator=gen).to(cache_dtype).to(device)
+        vc = torch.randn(32, hk, d, generator=gen).to(cache_dtype).to(device)
+        scale = torch.tensor([0.7], device=device) if cache_dtype != torch.bfloat16 else None
+        cs = cos_sin_cache(rows, d).to(device)
+        caches_before = (kc.clone(), vc.clone())
+        q0, k0 = q.clone(), k.clone()
+        want_q, slack_q = ref.rope(q.view(T, hq, d), positions, cs, True)
+        want_k, slack_k = ref.rope(k.view(T, hk, d), positions, cs, True)
+        arg = ropekv.FusedSetKVBufferArg(value=v, k_buffer=kc, v_buffer=vc, k_scale=scale, v_scale=scale, cache_loc=loc)
+
+        def call():
+            ropekv.apply_rope_with_cos_sin_cache_inplace(positions.to(device), q, k, d, cs, True, arg)
+
+        if backend == ("native", torch.device("cuda")):
+            names = cuda_kernel_names(call)
+            if names:
+                assert any("rope_kv_small_kernel" in n for n in names) == (rows > 0), names
+        else:
+            call()
+        ref.assert_close_rope(q.view(T, hq, d), want_q, slack_q, f"query, {rows} rows, {index_dtype}")
+        ref.assert_close_rope(k.view(T, hk, d), want_k, slack_k, f"key, {rows} rows, {index_dtype}")
+        # Tokens whose position is outside the table keep their bits.
+        outside = (positions < 0) | (positions >= rows)
+        assert torch.equal(ref.bits(q)[outside.to(device)], ref.bits(q0)[outside.to(device)])
+        assert torch.equal(ref.bits(k)[outside.to(device)], ref.bits(k0)[outside.to(device)])
+        want_kc, want_vc = ref.store_kv(k.view(T, hk, d), v.view(T, hk, d), *caches_before, loc, scale, scale)
+        assert torch.equal(ref.bits(kc).cpu(), want_kc) and torch.equal(ref.bits(vc).cpu(), want_vc)
+
+
 @pytest.mark.parametrize("pdl", [False, True], ids=["default", "pdl"])
 @pytest.mark.parametrize("hq", [1, 3, 7])
 @pytest.mark.parametrize("d", [64, 128, 256])

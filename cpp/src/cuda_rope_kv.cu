@@ -185,6 +185,16 @@ struct SmallUnit {
   static constexpr int W = kSplit    ? 2 * chunk_elems<T, NEOX, true>() / small_fp8_k_threads(D)
                            : kNarrow ? chunk_elems<T, NEOX, true>() / 2
                                      : chunk_elems<T, NEOX, true>();
+  // Into an fp8 cache, in the small kernel: the position and slot tests are
+  // unsigned compares, and a rotating unit loads its cos/sin row whatever the
+  // position (row 0 when it is out of range, its rotation then discarded; the
+  // small kernel is never given an empty table, see small_call_head_dim). Both
+  // keep the semantics; A/B of wheels (benchmarks/NOTES.md, v25): fp8 fused
+  // calls of 1 / 8 / 32 tokens 0.03-0.07 µs faster (Llama 1.61-1.63 / 1.69-1.72
+  // / 1.78-1.82 -> 1.57-1.58 / 1.64-1.66 / 1.73-1.75), while in bf16 calls the
+  // unsigned tests alone made them up to 0.06 slower, so those keep signed
+  // tests and a guarded load.
+  static constexpr bool kUnguarded = kFp8 && NARROW;
   static constexpr int kPerHead = kRotates && NEOX ? D / 2 / W : D / W;
   static constexpr int kThreadsPerHead = kSplit ? 2 * kPerHead : kPerHead;
   static_assert(!kSplit || 32 % kThreadsPerHead == 0, "a split head's threads within one warp");
@@ -234,10 +244,11 @@ struct SmallUnit {
     const CacheTensor& cache = kV ? p.v_cache : p.k_cache;
     CacheScale scale{};
     if constexpr (kRotates) {
-      const bool rotates = rotates_at(p, pos);
+      const bool rotates = kUnguarded ? uint64_t(pos) < uint64_t(p.max_pos) : rotates_at(p, pos);
       CosSin<NEOX, W> cs;
-      if (rotates) {
-        const float* row = static_cast<const float*>(p.cos_sin) + pos * D + (NEOX ? j * W : j * W / 2);
+      if (kUnguarded || rotates) {
+        const int64_t row_pos = rotates ? pos : 0;
+        const float* row = static_cast<const float*>(p.cos_sin) + row_pos * D + (NEOX ? j * W : j * W / 2);
         load_floats_vec(row, cs.c);
         load_floats_vec(row + D / 2, cs.s);
       }
@@ -261,7 +272,7 @@ struct SmallUnit {
         if constexpr (NEOX) store_chunk<T, W, true>(src + D / 2, hi);
       }
     }
-    if (writes && writes_slot(p, slot)) {
+    if (writes && (kUnguarded ? uint64_t(slot) < uint64_t(p.num_slots) : writes_slot(p, slot))) {
       // Unpaged caches (the flag is read with the call's first fields) skip
       // slot_offset's test of the cache's page size, read from further on.
       const int64_t at = p.paged ? slot_offset(slot, cache.page_stride, cache.slot_stride, cache.page_size)
@@ -372,6 +383,7 @@ int compiled_head_dim(const RopeKVParams& p) {
 template <bool ROT>
 int small_call_head_dim(const RopeKVParams& p, const UnitLayout& L, IndexType index_type, bool enable_pdl) {
   if (index_type == IndexType::any) return 0;  // one index dtype, compiled in
+  if (ROT && p.max_pos == 0) return 0;          // no row 0 to load (SmallUnit::kUnguarded)
   if (enable_pdl && !(ROT && p.num_tokens > kTypedIndexMaxTokens)) return 0;
   if (ROT && p.num_tokens > kSmallRotMaxTokens) return 0;
   if (!ROT && p.num_tokens > kSmallStoreMaxTokens &&
