@@ -211,8 +211,8 @@ def test_enable_pdl_gives_the_same_bits(backend, T):
     """enable_pdl=True (programmatic dependent launch on sm_90+, a no-op elsewhere),
     with each call's inputs written by the kernel just before it: the same bits
     as the default launch, for store_kv and the fused call, at sizes that take
-    the typed-index, small (40 and 98 tokens), general and two-units-per-thread
-    kernels (store_kv takes the rows kernel by default, two tokens per block at
+    the small (1-98 tokens), general and large-call kernels for the fused
+    call (store_kv takes the rows kernel by default, two tokens per block at
     98 tokens, and with PDL up to 2^15 16-byte units, 128 tokens here; past that
     the unit kernel, and from 2^20 units, which 8200 tokens are here, the
     two-unit kernel)."""
@@ -255,8 +255,7 @@ def test_every_pairing_of_index_dtypes(backend, pos_dtype, loc_dtype, cache_dtyp
     kernel that reads each index as its dtype says, and larger calls always
     the latter. Each pairing, at 1, 29, 40 and 130 tokens, with positions
     outside the table and padding and out-of-range slots among the tokens,
-    launched by default and, on CUDA, with PDL (which changes the kernels
-    chosen up to 128 tokens)."""
+    launched by default and, on CUDA, with PDL."""
     if pdl:
         needs_native_cuda(backend)
     if loc_dtype is None and cache_dtype is not None:
@@ -271,6 +270,27 @@ def test_every_pairing_of_index_dtypes(backend, pos_dtype, loc_dtype, cache_dtyp
                     cos_sin_dtype=torch.float32, layout="qkv", index_dtype=pos_dtype, max_pos=512,
                     bad_pos_frac=0.1, kv=kv, seed=11)
     run_rope_case(case, backend[1], enable_pdl=pdl)
+
+
+@pytest.mark.parametrize("T", [1, 29])
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["bf16-cache", "e4m3-cache"])
+def test_pdl_calls_the_small_kernel_does_not_take(backend, cache_dtype, T):
+    """With PDL, rotating calls of up to 32 tokens that the small kernel does not
+    take (a partial rotation here) run the unit kernel compiled for their index
+    dtype: against the reference, with positions outside the table and padding
+    and out-of-range slots among the tokens (the test checks that the small
+    kernel did not run)."""
+    needs_native_cuda(backend)
+    kv = KVCase(T=T, hk=2, dk=128, hv=2, dv=128, dtype=torch.bfloat16, cache_dtype=cache_dtype,
+                input_layout="qkv", cache_layout="3d", page_size=1, index_dtype=torch.int32,
+                k_scale="tensor" if cache_dtype else "none", v_scale="float" if cache_dtype else "none",
+                pad_frac=0.2, oob_frac=0.1, seed=7)
+    case = RopeCase(T=T, hq=4, hk=2, head_size=128, rot_dim=64, neox=True, dtype=torch.bfloat16,
+                    cos_sin_dtype=torch.float32, layout="qkv", index_dtype=torch.int32, max_pos=512,
+                    bad_pos_frac=0.1, kv=kv, seed=13)
+    names = cuda_kernel_names(lambda: run_rope_case(case, backend[1], enable_pdl=True))
+    if names:
+        assert not any("rope_kv_small_kernel" in n for n in names), names
 
 
 # ---- large calls with narrow heads (the CUDA row kernel) ----------------------
@@ -411,15 +431,16 @@ def test_fused_fp8_write_at_extreme_scales(backend, size):
 # CUDA calls of up to 128 rotating tokens (store_kv: see small_store_max_tokens)
 # with f16/bf16 inputs, heads of 64, 128 or 256 rotated whole, an fp32 cos/sin
 # table and one index dtype run rope_kv_small_kernel (cpp/src/cuda_rope_kv.cu);
-# others do not. With PDL only rotating calls of more than 32 tokens do
-# (small_call_head_dim).
+# others do not. With PDL too (but not store_kv calls; small_call_head_dim).
 SMALL_KERNEL_MAX_TOKENS = 128
+# Rotating calls of up to this many tokens that the small kernel does not take
+# run a unit kernel compiled for their index dtype (kTypedIndexMaxTokens).
 TYPED_INDEX_MAX_TOKENS = 32
 
 
-def takes_small_kernel(T: int, pdl: bool) -> bool:
+def takes_small_kernel(T: int) -> bool:
     """Whether a rotating call that fits the small kernel in every other way takes it."""
-    return T <= SMALL_KERNEL_MAX_TOKENS and (not pdl or T > TYPED_INDEX_MAX_TOKENS)
+    return T <= SMALL_KERNEL_MAX_TOKENS
 
 
 SMALL_CALL_CASES = [  # dtype, cache dtype, cache layout, page size, k scale, v scale
@@ -462,7 +483,7 @@ def test_small_calls_match_reference(backend, kind, d, neox, fused, size, pdl):
         return
     names = cuda_kernel_names(lambda: run_rope_case(case, backend[1], enable_pdl=pdl))
     if names:
-        assert any("rope_kv_small_kernel" in n for n in names) == takes_small_kernel(T, pdl), names
+        assert any("rope_kv_small_kernel" in n for n in names) == takes_small_kernel(T), names
 
 
 @pytest.mark.parametrize("rows", [0, 16])
@@ -522,8 +543,7 @@ def test_small_fp8_calls_with_odd_query_heads(backend, d, hq, pdl):
     all load before any stores. With an odd number of query heads the old
     layout (q units first) put one head's threads in two warps, at d = 128 and
     hq = 7 in two blocks. Repeated calls of several sizes, each checked whole,
-    launched by default and with PDL (with which the small kernel takes the
-    calls of more than 32 tokens); the largest takes the large-call kernel (the
+    launched by default and with PDL; the largest takes the large-call kernel (the
     row kernel at d = 64), whose threads run two units each: with one query
     head, some threads of a k head's warp have a second unit and some do not."""
     needs_native_cuda(backend)
@@ -536,15 +556,16 @@ def test_small_fp8_calls_with_odd_query_heads(backend, d, hq, pdl):
                             bad_pos_frac=0.0, kv=kv, seed=seed)
             names = cuda_kernel_names(lambda: run_rope_case(case, backend[1], enable_pdl=pdl))
             small_ran = any("rope_kv_small_kernel" in n for n in names)
-            assert not names or small_ran == takes_small_kernel(T, pdl), names
+            assert not names or small_ran == takes_small_kernel(T), names
 
 
 def test_small_kernel_takes_the_calls_it_serves(backend):
     """Which calls run the small kernel and which the store_kv rows kernel
     (kernel names from the profiler): fused calls at their token limit (bf16
     and fp8 caches) and narrow store_kv calls at theirs run the small kernel; one token more, a partial rotation, a head size it does not
-    compile or a bf16 cos/sin table do not. With PDL, fused calls of more than
-    32 tokens do, smaller ones and narrow store_kv calls do not. store_kv
+    compile or a bf16 cos/sin table do not. With PDL, fused calls of every
+    size up to the limit do (a partial rotation does not), narrow store_kv
+    calls do not. store_kv
     calls with K and V rows of at least 64 chunks into a cache of the input dtype run the rows
     kernel at any size (with PDL up to 2^15 chunks), into an fp8 cache or with
     heads apart in the input they do not. Fused calls from the large-call
@@ -598,12 +619,14 @@ def test_small_kernel_takes_the_calls_it_serves(backend):
         "partial rotation": (fused_call(4, rot=64), other),
         "head size 96": (fused_call(4, head=96, rot=96), other),
         "bf16 cos/sin": (fused_call(4, cs_dtype=torch.bfloat16), other),
-        "pdl": (fused_call(4, pdl=True), other),
-        "pdl at the typed-index limit": (fused_call(TYPED_INDEX_MAX_TOKENS, pdl=True), other),
+        "pdl": (fused_call(4, pdl=True), small),
+        "pdl at the typed-index limit": (fused_call(TYPED_INDEX_MAX_TOKENS, pdl=True), small),
         "pdl past the typed-index limit": (fused_call(TYPED_INDEX_MAX_TOKENS + 1, pdl=True), small),
+        "pdl, partial rotation": (fused_call(4, rot=64, pdl=True), other),
         "pdl at the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS, pdl=True), small),
         "pdl past the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS + 1, pdl=True), other),
-        "pdl into fp8 at the typed-index limit": (fused_call(TYPED_INDEX_MAX_TOKENS, pdl=True, cache_dtype=fp8), other),
+        "pdl into fp8, 1 token": (fused_call(1, pdl=True, cache_dtype=fp8), small),
+        "pdl into fp8 at the typed-index limit": (fused_call(TYPED_INDEX_MAX_TOKENS, pdl=True, cache_dtype=fp8), small),
         "pdl into fp8 past the typed-index limit": (
             fused_call(TYPED_INDEX_MAX_TOKENS + 1, pdl=True, cache_dtype=fp8), small),
         "pdl into fp8 past the limit": (fused_call(SMALL_KERNEL_MAX_TOKENS + 1, pdl=True, cache_dtype=fp8), other),

@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, kMinBlocksPerSM)
 // on that chain adds to the call. This kernel serves calls whose heads all
 // have one of a few common sizes D, rotated whole (or not at all: store_kv),
 // with an fp32 cos/sin table read as float4 and one index dtype (with PDL,
-// only some of them: see small_call_head_dim): a unit's head and column are
+// rotating calls only: see small_call_head_dim): a unit's head and column are
 // then a constant shift and mask, its cos/sin offsets constants, and nothing
 // is planned, tested per load or looped over (one token per grid column).
 // Everything else about the call (strides, paged caches, fp8 scales, padding
@@ -380,11 +380,17 @@ int compiled_head_dim(const RopeKVParams& p) {
   return p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256 ? p.head_dim : 0;
 }
 
+// With PDL the small kernel takes rotating calls only (store_kv keeps the rows
+// and unit kernels). Up to v24 it took only those of more than 32 tokens, where
+// the unit kernel loses its compiled index dtype (v21); with v24's four pairs per
+// thread it wins at 1-32 tokens too (benchmarks/NOTES.md, v26, `--pdl`, Llama
+// fused 1 / 8 / 32 tokens 1.22 / 1.29 / 1.40 -> 1.01 / 1.18 / 1.22 µs, into an
+// fp8 cache 1.42 / 1.50 / 1.56 -> 1.12 / 1.17 / 1.23; 128 tokens level).
 template <bool ROT>
 int small_call_head_dim(const RopeKVParams& p, const UnitLayout& L, IndexType index_type, bool enable_pdl) {
   if (index_type == IndexType::any) return 0;  // one index dtype, compiled in
   if (ROT && p.max_pos == 0) return 0;          // no row 0 to load (SmallUnit::kUnguarded)
-  if (enable_pdl && !(ROT && p.num_tokens > kTypedIndexMaxTokens)) return 0;
+  if (enable_pdl && !ROT) return 0;
   if (ROT && p.num_tokens > kSmallRotMaxTokens) return 0;
   if (!ROT && p.num_tokens > kSmallStoreMaxTokens &&
       (L.total < kSmallStoreWideUnits || p.num_tokens * L.total > kSmallStoreMaxUnits))
